@@ -1,0 +1,153 @@
+"""Streaming calibration: running float64 Gram sums of attention inputs, padding masked out.
+
+Nothing here stores activations: each attention block's input ``x`` (``[batch, seq, D]``) is folded into
+``Σ += x̃ᵀ x̃`` (``x̃ = [x; 1]``, ``[D+1, D+1]`` float64) as soon as it is produced, so memory does not grow with
+the amount of calibration data. Forward passes stop right after the last layer that is being measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .architectures import decoder_layers
+from .errors import CalibrationError
+
+Batch = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def iter_batches(calibration: Iterable, vocab_size: int | None = None) -> Iterator[Batch]:
+    """Yield ``(input_ids [B, T] int64, attention_mask [B, T] or None)`` from tensors or dicts, validating each."""
+    if calibration is None or isinstance(calibration, (str, bytes)):
+        raise CalibrationError(
+            "calibration must be an iterable of input_ids tensors [batch, seq] or of dicts with 'input_ids' "
+            f"(and optional 'attention_mask'); got {type(calibration).__name__}"
+        )
+    if isinstance(calibration, torch.Tensor):
+        calibration = [calibration]
+    for i, item in enumerate(calibration):
+        mask = None
+        if isinstance(item, Mapping):
+            if "input_ids" not in item:
+                raise CalibrationError(f"calibration item {i} is a dict without 'input_ids' (keys: {sorted(item)})")
+            ids, mask = item["input_ids"], item.get("attention_mask")
+        else:
+            ids = item
+        if not isinstance(ids, torch.Tensor):
+            raise CalibrationError(f"calibration item {i}: input_ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise CalibrationError(f"calibration item {i}: input_ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+            mask = None if mask is None else mask.unsqueeze(0)
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise CalibrationError(f"calibration item {i}: input_ids must be [batch, seq] and non-empty, got {tuple(ids.shape)}")
+        if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise CalibrationError(
+                f"calibration item {i}: token ids must lie in [0, {vocab_size}) (the model's vocabulary), got "
+                f"[{int(ids.min())}, {int(ids.max())}]: was it tokenised for another model?"
+            )
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+                raise CalibrationError(
+                    f"calibration item {i}: attention_mask must be a tensor of the input_ids shape {tuple(ids.shape)}"
+                )
+            if not bool(mask.bool().any()):
+                raise CalibrationError(f"calibration item {i}: attention_mask masks out every token")
+        yield ids.long(), (None if mask is None else mask.long())
+
+
+def materialize(calibration: Iterable, vocab_size: int | None = None) -> list[Batch]:
+    """Validate all of the calibration up front (so bad data fails before the model is touched) and keep the
+    token ids, which are small (8 bytes a token) beside any activation, so the stream can be re-run per layer."""
+    batches = list(iter_batches(calibration, vocab_size))
+    if not batches:
+        raise CalibrationError("calibration is empty: give at least one batch of input_ids")
+    return batches
+
+
+@dataclass
+class GramAccumulator:
+    """Running ``Σ x̃ x̃ᵀ`` (float64) over unmasked tokens, their count, and the largest ``‖x‖²`` seen."""
+
+    dim: int
+    device: torch.device | str = "cpu"
+    total: torch.Tensor = field(init=False)
+    count: int = field(init=False, default=0)
+    max_sq_norm: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self.total = torch.zeros(self.dim + 1, self.dim + 1, dtype=torch.float64, device=self.device)
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None, where: str) -> None:
+        """Fold ``x [B, T, D]`` (padding where ``mask [B, T] == 0``) into the sum."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        if mask is not None:
+            x = x[mask.reshape(-1).to(x.device).bool()]
+        x = x.to(device=self.total.device, dtype=torch.float64)
+        if not bool(torch.isfinite(x).all()):
+            raise CalibrationError(f"non-finite activations (NaN/Inf) at the input of {where}")
+        aug = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+        self.total += aug.T @ aug
+        self.count += x.shape[0]
+        if x.shape[0]:
+            self.max_sq_norm = max(self.max_sq_norm, float(x.pow(2).sum(-1).max()))
+
+    def second_moment(self) -> torch.Tensor:
+        """``E[x̃ x̃ᵀ]``, ``[D+1, D+1]`` float64."""
+        if self.count == 0:
+            raise CalibrationError("calibration produced no unmasked tokens")
+        return self.total / self.count
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every measured layer has been seen, to skip the rest of the forward pass."""
+
+
+@torch.no_grad()
+def attention_input_grams(
+    model: nn.Module, layer_indices: list[int], batches: Iterable[Batch], *, progress=None
+) -> dict[int, GramAccumulator]:
+    """One pass of the calibration stream through ``model`` as it is now, accumulating the Gram of the
+    attention input of each layer in ``layer_indices``. The forward stops after the last of them."""
+    layers = decoder_layers(model)
+    wanted = sorted(set(layer_indices))
+    last = wanted[-1]
+    device = next(model.parameters()).device
+    hidden = model.config.hidden_size
+    accs = {i: GramAccumulator(hidden, device) for i in wanted}
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def make_hook(i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            accs[i].add(x, state["mask"], f"layer {i} attention")
+            if i == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [layers[i].self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in wanted]
+    was_training = model.training
+    model.eval()
+    try:
+        for ids, mask in batches:
+            state["mask"] = mask
+            try:
+                model(
+                    input_ids=ids.to(device),
+                    attention_mask=None if mask is None else mask.to(device),
+                    use_cache=False,
+                )
+            except _StopForward:
+                pass
+            if progress is not None:
+                progress()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return accs

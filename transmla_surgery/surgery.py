@@ -1,0 +1,205 @@
+"""`convert_to_mla`: the transactional layer loop (calibrate, factorise, swap; roll back on any failure)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import SourceAttention, check_supported, decoder_layers, source_weights
+from .calibration import attention_input_grams, materialize
+from .config import MLAConfig
+from .errors import CalibrationError, ConversionError, TransMLAError, UnsupportedModelError
+from .factorize import factorize_layer
+from .mla_attention import MLAAttention, MLAGeometry
+from .report import ConversionReport, LayerReport
+
+CONFIG_KEY = "transmla"  # attribute of model.config recording the conversion (saved in config.json)
+
+
+def mla_geometry(src: SourceAttention, config: MLAConfig) -> MLAGeometry:
+    """The geometry of the MLA block that replaces a source block: ``d_nope = d_v = d``."""
+    return MLAGeometry(
+        hidden_size=src.hidden_size,
+        num_heads=src.num_heads,
+        qk_nope_head_dim=src.head_dim,
+        qk_rope_head_dim=config.qk_rope_head_dim,
+        v_head_dim=src.head_dim,
+        kv_lora_rank=config.kv_lora_rank,
+        source_head_dim=src.head_dim,
+        q_lora_rank=config.q_lora_rank,
+        q_bias=src.q_bias,
+        kv_bias=src.k_bias or src.v_bias,
+        o_bias=src.o_bias,
+        latent_norm=False,
+        latent_norm_eps=config.latent_norm_eps,
+    )
+
+
+def _check_weights_finite(model: nn.Module) -> None:
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, p in layer.self_attn.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise UnsupportedModelError(f"layer {i} self_attn.{name} holds NaN or Inf; refusing to convert")
+        norm = getattr(layer.input_layernorm, "weight", None)
+        if norm is not None and not bool(torch.isfinite(norm).all()):
+            raise UnsupportedModelError(f"layer {i} input_layernorm.weight holds NaN or Inf; refusing to convert")
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+@torch.no_grad()
+def convert_to_mla(
+    model: nn.Module, config: MLAConfig, calibration: Iterable, *, progress: bool = True
+) -> ConversionReport:
+    """Replace every GQA attention block of ``model`` by an `MLAAttention` block, in place.
+
+    Args:
+        model: a transformers ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM`` (any GQA, MHA
+            or MQA geometry), on any device and dtype.
+        config: target geometry and method options.
+        calibration: an iterable of ``input_ids`` tensors ``[batch, seq]`` or of dicts with ``input_ids`` and an
+            optional ``attention_mask`` (masked positions enter no statistic). It is validated whole before the
+            model is touched, and re-run once per layer when ``config.calibration_inputs == "converted"``.
+        progress: show a rich progress bar.
+
+    Returns:
+        A `ConversionReport` (per layer: rope and latent energy kept, K/V balance, KV values per token).
+
+    Raises:
+        ConfigError, UnsupportedModelError, CalibrationError: before anything is changed.
+        ConversionError: for a failure part-way; every layer has then been put back as it was.
+    """
+    if not isinstance(config, MLAConfig):
+        raise TypeError(f"config must be an MLAConfig, got {type(config).__name__}")
+    src = check_supported(model)
+    config.check_against_geometry(
+        num_kv_heads=src.num_kv_heads, head_dim=src.head_dim, num_heads=src.num_heads, hidden_size=src.hidden_size
+    )
+    _check_weights_finite(model)
+    batches = materialize(calibration, getattr(model.config, "vocab_size", None))
+    layers = decoder_layers(model)
+    originals = [layer.self_attn for layer in layers]
+    device = originals[0].q_proj.weight.device
+    dtype = originals[0].q_proj.weight.dtype
+    geometry = mla_geometry(src, config)
+    fold = config.resolved_freqfold(src.head_dim)
+    report = ConversionReport(config={**config.to_dict(), "freqfold": fold})
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    try:
+        with _progress(progress) as bar:
+            n_passes = len(layers) if config.calibration_inputs == "converted" else 1
+            task = None if bar is None else bar.add_task("calibrating + converting", total=n_passes * len(batches))
+            advance = None if bar is None else (lambda: bar.advance(task))
+            grams = None
+            if config.calibration_inputs == "original":
+                grams = attention_input_grams(model, list(range(len(layers))), batches, progress=advance)
+            for i, layer in enumerate(layers):
+                acc = grams[i] if grams is not None else attention_input_grams(model, [i], batches, progress=advance)[i]
+                weights = factorize_layer(
+                    acc.second_moment(),
+                    src,
+                    source_weights(originals[i], device),
+                    kv_lora_rank=config.kv_lora_rank,
+                    rope_dim=config.qk_rope_head_dim,
+                    fold=fold,
+                    balance_kv=config.balance_kv,
+                    subspace=config.subspace,
+                    q_lora_rank=config.q_lora_rank,
+                    damping=config.damping,
+                )
+                block = build_mla_block(geometry, i, model.config, weights.tensors, dtype=dtype, device=device)
+                block.train(originals[i].training)
+                layer.self_attn = block
+                report.layers.append(
+                    LayerReport(
+                        layer=i,
+                        rope_energy=weights.rope_energy,
+                        latent_energy=weights.latent_energy,
+                        alpha=weights.alpha,
+                        kv_before=2 * src.num_kv_heads * src.head_dim,
+                        kv_after=geometry.cache_width,
+                        calibration_tokens=acc.count,
+                    )
+                )
+                if grams is not None:
+                    del grams[i]  # free each Gram as soon as its layer is done
+    except BaseException as exc:
+        for layer, original in zip(layers, originals):
+            layer.self_attn = original
+        if isinstance(exc, (TransMLAError, KeyboardInterrupt)):
+            raise
+        raise ConversionError(
+            f"conversion failed at layer {len(report.layers)} ({type(exc).__name__}: {exc}); "
+            "the model has been restored unchanged"
+        ) from exc
+
+    setattr(model.config, CONFIG_KEY, {"format": 1, "mla_config": report.config, "geometry": geometry.to_dict()})
+    report.seconds = time.perf_counter() - start
+    report.peak_memory_bytes = _peak_memory(device)
+    return report
+
+
+def build_mla_block(
+    geometry: MLAGeometry,
+    layer_idx: int,
+    host_config: Any,
+    tensors: dict[str, torch.Tensor] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> MLAAttention:
+    """An `MLAAttention` of ``geometry`` on ``device``/``dtype``, filled from float64 ``tensors`` if given."""
+    block = MLAAttention(geometry, layer_idx, host_config)
+    if tensors is not None:
+        state = block.state_dict()
+        missing = sorted(set(state) - set(tensors))
+        unexpected = sorted(set(tensors) - set(state))
+        if missing or unexpected:
+            raise ConversionError(f"layer {layer_idx}: weights do not fit the block (missing {missing}, unexpected {unexpected})")
+        for name, value in tensors.items():
+            if not bool(torch.isfinite(value).all()):
+                raise CalibrationError(
+                    f"layer {layer_idx}: factorisation produced non-finite {name}; is the calibration degenerate?"
+                )
+            state[name] = value
+        block.load_state_dict(state)
+    return block.to(device=device, dtype=dtype)
+
+
+def apply_mla_structure(model: nn.Module) -> nn.Module:
+    """Swap empty `MLAAttention` blocks into a model whose config records a conversion (``config.transmla``),
+    ready for ``load_state_dict`` of a converted checkpoint."""
+    info = getattr(model.config, CONFIG_KEY, None)
+    if not info:
+        raise UnsupportedModelError("model.config has no 'transmla' record: this is not a converted model")
+    geometry = MLAGeometry(**info["geometry"])
+    for i, layer in enumerate(decoder_layers(model)):
+        old = layer.self_attn
+        ref = next(old.parameters())
+        layer.self_attn = build_mla_block(geometry, i, model.config, dtype=ref.dtype, device=ref.device)
+    return model
+
+
+def is_converted(model: nn.Module) -> bool:
+    return any(isinstance(layer.self_attn, MLAAttention) for layer in decoder_layers(model))
