@@ -34,6 +34,9 @@ class MLAConfig:
         calibration_inputs: ``"converted"`` calibrates layer ``k`` on the outputs of layers ``< k`` as the
             conversion leaves them (the calibration stream is re-run for every layer; memory stays constant);
             ``"original"`` calibrates every layer on the original model's activations in a single pass.
+        rope_selection: ``"attention"`` keeps RoPE on the rotated key components that carry the most score
+            energy ``E[q'²]·E[k'²]`` (an exact non-orthogonal change of basis, queries moving by the inverse
+            transpose); ``"variance"`` is the reference's RoRoPE (orthogonal PCA of the keys alone).
         subspace: ``"attention"`` chooses the kept latent by the error it causes in attention scores and
             outputs (keys weighted by the query second moment, values by ``o_proj``); ``"variance"`` is the
             reference's plain PCA of ``[k_nope/α ; v]``.
@@ -48,6 +51,7 @@ class MLAConfig:
     q_lora_rank: int | None = None
     balance_kv: bool = True
     calibration_inputs: CalibrationInputs = "converted"
+    rope_selection: Subspace = "attention"
     subspace: Subspace = "attention"
     damping: float = 0.01
     latent_norm_eps: float = 1e-6
@@ -75,8 +79,9 @@ class MLAConfig:
             raise ConfigError(
                 f"MLAConfig.calibration_inputs must be 'converted' or 'original', got {self.calibration_inputs!r}"
             )
-        if self.subspace not in ("attention", "variance"):
-            raise ConfigError(f"MLAConfig.subspace must be 'attention' or 'variance', got {self.subspace!r}")
+        for name in ("subspace", "rope_selection"):
+            if getattr(self, name) not in ("attention", "variance"):
+                raise ConfigError(f"MLAConfig.{name} must be 'attention' or 'variance', got {getattr(self, name)!r}")
         if not isinstance(self.damping, (int, float)) or not (0.0 <= float(self.damping) < 1.0):
             raise ConfigError(f"MLAConfig.damping must be a number in [0, 1), got {self.damping!r}")
         if not isinstance(self.latent_norm_eps, (int, float)) or not (0.0 < float(self.latent_norm_eps) < 1.0):

@@ -8,9 +8,10 @@ so its Gram matrix is ``W̃ Σ W̃ᵀ`` and one running sum per layer suffices.
 
 Steps (each a function below):
 1. GQA merge: the keys of the ``G`` groups form one ``G·d`` latent; head ``h`` reads block ``g(h) = h // n_rep``.
-2. RoRoPE + FreqFold (`rope_rotation`): one orthogonal ``P`` (``[G·d, G·d]``) built from a PCA per group of
-   ``M`` frequencies, applied identically to the real and imaginary halves. Its first ``d_rope`` rows are the
-   kept rope channels (half layout); the rest become position-free.
+2. RoRoPE + FreqFold (`rope_rotation`): one change of basis ``A`` (``[G·d, G·d]``) built per group of ``M``
+   frequencies, applied identically to the real and imaginary halves (orthogonal PCA of the keys in the
+   reference's recipe; by default chosen by score energy, with queries moving by ``A⁻ᵀ``). Its first ``d_rope``
+   rows are the kept rope channels (half layout); the rest become position-free.
 3. BKV + joint low-rank PCA (`joint_latent`): the latent of ``[k_nope/α ; v]``.
 4. Query absorption and the softmax-scale fold (`query_weights`).
 """
@@ -78,25 +79,41 @@ def group_block(d: int, g: int) -> slice:
 # ---------------------------------------------------------------------------------------------- RoRoPE
 @dataclass(frozen=True)
 class RopeRotation:
-    """The orthogonal change of basis of the merged keys (``[G·d, G·d]``, rows = new coordinates).
+    """The invertible change of basis of the merged keys, ``k' = A k`` (``A``: ``[G·d, G·d]``).
 
-    Rows ``0 … d_rope-1`` are the kept rope channels in half layout (row ``k`` the real and row
-    ``k + d_rope/2`` the imaginary part of rope frequency ``k``, i.e. source frequency ``k·c``); the other
-    ``G·d − d_rope`` rows are the position-free channels.
+    Queries move the other way (``q' = A⁻ᵀ q``), so every score ``qᵀk = q'ᵀk'`` is unchanged. ``A`` acts
+    identically on the real and imaginary halves of each frequency group and only mixes coordinates of the same
+    group, so it commutes with RoPE while frequencies are not mixed (fold 1). Rows ``0 … d_rope-1`` of ``A`` are
+    the kept rope channels in half layout (row ``k`` the real and row ``k + d_rope/2`` the imaginary part of rope
+    frequency ``k``, i.e. source frequency ``k·c``); the other ``G·d − d_rope`` rows are position-free, as
+    (real, imaginary) pairs of consecutive rows. With ``selection="variance"`` ``A`` is orthogonal (the
+    reference's RoRoPE).
     """
 
     matrix: torch.Tensor
+    inverse: torch.Tensor
     rope_dim: int
-    group_rotations: tuple[torch.Tensor, ...]  # U_i, [G·M, G·M], columns by descending pooled energy
-    rope_energy: float  # fraction of key energy (trace of the key Gram) in the rope rows
+    rope_energy: float  # fraction of the selection criterion's energy held by the rope rows
 
     @property
     def rope(self) -> torch.Tensor:
+        """Rope rows of ``A``, ``[d_rope, G·d]``."""
         return self.matrix[: self.rope_dim]
 
     @property
     def nope(self) -> torch.Tensor:
+        """Position-free rows of ``A``, ``[G·d − d_rope, G·d]``."""
         return self.matrix[self.rope_dim :]
+
+    @property
+    def rope_inv(self) -> torch.Tensor:
+        """Columns of ``A⁻¹`` that rebuild keys from the rope channels, ``[G·d, d_rope]``."""
+        return self.inverse[:, : self.rope_dim]
+
+    @property
+    def nope_inv(self) -> torch.Tensor:
+        """Columns of ``A⁻¹`` that rebuild keys from the position-free channels, ``[G·d, G·d − d_rope]``."""
+        return self.inverse[:, self.rope_dim :]
 
 
 def frequency_groups(num_kv_heads: int, head_dim: int, fold: int) -> list[tuple[list[int], list[int]]]:
@@ -114,41 +131,80 @@ def frequency_groups(num_kv_heads: int, head_dim: int, fold: int) -> list[tuple[
     return groups
 
 
+def _group_basis(
+    key_gram: torch.Tensor, query_gram: torch.Tensor | None, keep: int, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Basis ``B`` (``[n, n]``, rows = new coordinates) of one frequency group and each row's criterion energy.
+
+    ``variance``: eigenvectors of the pooled key Gram (orthogonal). ``attention`` (``query_gram`` given): the
+    first ``keep`` rows maximise the score energy ``E[(q'_a k'_a)²] = E[q'_a²]·E[k'_a²]`` they carry (eigenvectors
+    of ``C_K^{1/2} C_Q C_K^{1/2}``, mapped back through ``C_K^{-1/2}`` and rescaled so ``q'_a`` and ``k'_a`` have
+    equal size); the remaining rows are an orthonormal basis of the orthogonal complement of those.
+    """
+    if query_gram is None:
+        vals, vecs = sorted_eigh(key_gram, damping)
+        return vecs.T, vals
+    root, inv_root = psd_sqrt(key_gram, damping)
+    vals, vecs = sorted_eigh(root @ query_gram @ root, damping)
+    top = vecs[:, :keep].T @ inv_root  # rows with unit key variance
+    top = top * vals[:keep].clamp_min(1e-300).pow(0.25)[:, None]
+    # Orthonormal complement of the kept rows' span: eigenvectors of I − Π with eigenvalue 1.
+    q, _ = torch.linalg.qr(top.T)
+    _, comp = sorted_eigh(torch.eye(top.shape[1], dtype=top.dtype, device=top.device) - q @ q.T, 0.0)
+    return torch.cat([top, comp[:, : top.shape[1] - keep].T]), vals
+
+
 def rope_rotation(
-    key_gram: torch.Tensor, num_kv_heads: int, head_dim: int, rope_dim: int, fold: int, damping: float
+    key_gram: torch.Tensor,
+    num_kv_heads: int,
+    head_dim: int,
+    rope_dim: int,
+    fold: int,
+    damping: float,
+    query_gram: torch.Tensor | None = None,
 ) -> RopeRotation:
-    """RoRoPE with FreqFold: PCA of each group's pooled real and imaginary key samples.
+    """RoRoPE with FreqFold: one basis per group of ``fold`` frequencies, shared by real and imaginary halves.
 
     Args:
         key_gram: ``E[k kᵀ]`` of the merged keys ``k = W̃_K x̃``, ``[G·d, G·d]``.
         fold: ``M``, a multiple of ``c = d / d_rope`` dividing ``d / 2``. With ``M = 1`` (and so ``c = 1``)
-            every rotated component keeps its own frequency and the rotation is exact.
+            every rotated component keeps its own frequency and the change of basis is exact.
+        query_gram: optional ``Σ_h E_hᵀ E[q_h q_hᵀ] E_h`` (``[G·d, G·d]``, queries in merged-key coordinates):
+            when given, rope is kept on the components that carry the most score energy rather than key energy.
     """
     gd = num_kv_heads * head_dim
-    c = head_dim // rope_dim
-    per = fold // c  # kept rope components per frequency group
-    rows_rope = key_gram.new_zeros(rope_dim, gd)
-    rows_nope = []
-    rotations = []
+    per = fold // (head_dim // rope_dim)  # kept rope components per frequency group
+    matrix = key_gram.new_zeros(gd, gd)
+    nope_row = rope_dim
+    kept = total = 0.0
     for i, (real, imag) in enumerate(frequency_groups(num_kv_heads, head_dim, fold)):
-        pooled = key_gram[real][:, real] + key_gram[imag][:, imag]
-        _, u = sorted_eigh(pooled, damping)
-        rotations.append(u)
-        for a in range(u.shape[1]):
-            real_row = key_gram.new_zeros(gd)
-            imag_row = key_gram.new_zeros(gd)
-            real_row[real] = u[:, a]
-            imag_row[imag] = u[:, a]
+        pooled_k = key_gram[real][:, real] + key_gram[imag][:, imag]
+        pooled_q = None if query_gram is None else query_gram[real][:, real] + query_gram[imag][:, imag]
+        basis, energy = _group_basis(pooled_k, pooled_q, per, damping)
+        kept += float(energy[:per].clamp_min(0).sum())
+        total += float(energy.clamp_min(0).sum())
+        for a in range(basis.shape[0]):
             if a < per:
                 k = i * per + a  # rope frequency k of the d_rope RoPE == source frequency k·c
-                rows_rope[k] = real_row
-                rows_rope[k + rope_dim // 2] = imag_row
+                re_row, im_row = k, k + rope_dim // 2
             else:
-                rows_nope.extend([real_row, imag_row])
-    matrix = torch.cat([rows_rope, torch.stack(rows_nope)]) if rows_nope else rows_rope
-    total = float(key_gram.trace())
-    kept = float((rows_rope @ key_gram @ rows_rope.T).trace())
-    return RopeRotation(matrix, rope_dim, tuple(rotations), kept / total if total > 0 else 1.0)
+                re_row, im_row = nope_row, nope_row + 1
+                nope_row += 2
+            matrix[re_row, real] = basis[a]
+            matrix[im_row, imag] = basis[a]
+    inverse = torch.linalg.inv(matrix)
+    return RopeRotation(matrix, inverse, rope_dim, kept / total if total > 0 else 1.0)
+
+
+def merged_query_gram(sigma: torch.Tensor, src: SourceAttention, w: SourceWeights) -> torch.Tensor:
+    """``Σ_h E_hᵀ E[q_h q_hᵀ] E_h``: the query second moment seen from the merged keys, ``[G·d, G·d]``."""
+    d = src.head_dim
+    aug_q = augment(w.w_q, w.b_q)
+    out = sigma.new_zeros(src.num_kv_heads * d, src.num_kv_heads * d)
+    for h in range(src.num_heads):
+        blk = group_block(d, h // src.n_rep)
+        out[blk, blk] += gram_of(aug_q[h * d : (h + 1) * d], sigma)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- latent
@@ -183,7 +239,7 @@ def joint_latent(
 
     Args:
         sigma: ``Σ = E[x̃ x̃ᵀ]``, ``[D+1, D+1]``.
-        aug_k_nope: position-free rotated keys ``P_nope W̃_K``, ``[n_k, D+1]``.
+        aug_k_nope: position-free rotated keys ``A_nope W̃_K``, ``[n_k, D+1]``.
         aug_v: values ``W̃_V``, ``[G·d, D+1]``.
         key_metric, value_metric: optional PSD metrics (``[n_k, n_k]``, ``[G·d, G·d]``) saying how much an error
             in each direction costs downstream. When given, the kept subspace minimises the metric-weighted
@@ -225,20 +281,20 @@ def attention_metrics(
     """Downstream costs of latent errors: keys weighted by the queries that read them, values by ``o_proj``.
 
     A key error ``e`` in the rotated position-free coordinates changes head ``h``'s score by
-    ``q_hᵀ P_nope,g(h)ᵀ e``, so its mean squared cost is ``eᵀ (Σ_h P_nope,g(h) E[q_h q_hᵀ] P_nope,g(h)ᵀ) e``.
+    ``q_hᵀ (A⁻¹)_g(h),nope e``, so its mean squared cost is ``eᵀ (Σ_h (A⁻¹)ᵀ E[q_h q_hᵀ] (A⁻¹)) e``.
     A value error ``e`` (merged ``G·d`` coordinates) moves the output by at most ``Σ_h W_O,h e_g(h)``.
     Returns ``(key_metric [G·d − d_rope, G·d − d_rope], value_metric [G·d, G·d])``.
     """
     d, n_rep = src.head_dim, src.n_rep
     aug_q = augment(w.w_q, w.b_q)
-    p_nope = rotation.nope
-    key_metric = sigma.new_zeros(p_nope.shape[0], p_nope.shape[0])
+    nope_inv = rotation.nope_inv
+    key_metric = sigma.new_zeros(nope_inv.shape[1], nope_inv.shape[1])
     value_metric = sigma.new_zeros(src.num_kv_heads * d, src.num_kv_heads * d)
     for h in range(src.num_heads):
         g = h // n_rep
         q_h = aug_q[h * d : (h + 1) * d]
-        p_g = p_nope[:, group_block(d, g)]
-        key_metric += p_g @ gram_of(q_h, sigma) @ p_g.T
+        back = nope_inv[group_block(d, g)]  # [d, G·d − d_rope]: key error → head h's key
+        key_metric += back.T @ gram_of(q_h, sigma) @ back
         o_h = w.w_o[:, h * d : (h + 1) * d]
         value_metric[group_block(d, g), group_block(d, g)] += o_h.T @ o_h
     return key_metric, value_metric
@@ -258,16 +314,15 @@ class MLAWeights:
 def query_weights(
     src: SourceAttention, w: SourceWeights, rotation: RopeRotation
 ) -> torch.Tensor:
-    """Augmented ``q_proj`` ``[H·(d + d_rope), D+1]``: per head ``[W̃_Q,h ; P_rope,g(h) W̃_Q,h]``, scaled by
+    """Augmented ``q_proj`` ``[H·(d + d_rope), D+1]``: per head ``[W̃_Q,h ; (A⁻¹)ᵀ_rope,g(h) W̃_Q,h]``, scaled by
     ``sqrt((d + d_rope)/d)`` so DeepSeek's softmax scale ``1/sqrt(d + d_rope)`` reproduces the source's ``1/sqrt(d)``."""
     d = src.head_dim
     aug_q = augment(w.w_q, w.b_q)
-    p_rope = rotation.rope
     scale = math.sqrt((d + rotation.rope_dim) / d)
     rows = []
     for h in range(src.num_heads):
         q_h = aug_q[h * d : (h + 1) * d]
-        rows += [q_h, p_rope[:, group_block(d, h // src.n_rep)] @ q_h]
+        rows += [q_h, rotation.rope_inv[group_block(d, h // src.n_rep)].T @ q_h]
     return torch.cat(rows) * scale
 
 
@@ -281,6 +336,7 @@ def factorize_layer(
     fold: int,
     balance_kv: bool = True,
     subspace: str = "attention",
+    rope_selection: str = "attention",
     q_lora_rank: int | None = None,
     damping: float = 0.01,
 ) -> MLAWeights:
@@ -292,7 +348,8 @@ def factorize_layer(
     d, g_heads = src.head_dim, src.num_kv_heads
     aug_k = augment(w.w_k, w.b_k)
     aug_v = augment(w.w_v, w.b_v)
-    rotation = rope_rotation(gram_of(aug_k, sigma), g_heads, d, rope_dim, fold, damping)
+    query_gram = merged_query_gram(sigma, src, w) if rope_selection == "attention" else None
+    rotation = rope_rotation(gram_of(aug_k, sigma), g_heads, d, rope_dim, fold, damping, query_gram)
     aug_k_nope = rotation.nope @ aug_k
     metrics = attention_metrics(sigma, src, w, rotation) if subspace == "attention" else (None, None)
     latent = joint_latent(
@@ -302,11 +359,11 @@ def factorize_layer(
     n_k = aug_k_nope.shape[0]
     up_k, up_v = latent.up[:n_k] * latent.alpha, latent.up[n_k:]
 
-    # kv_b_proj: per head rows [k_nope,h (d) ; v_h (d)], k_nope,h = P_nope,g(h)ᵀ up_k c, v_h = up_v[g(h)] c.
+    # kv_b_proj: per head rows [k_nope,h (d) ; v_h (d)], k_nope,h = (A⁻¹)_g(h),nope up_k c, v_h = up_v[g(h)] c.
     kv_b = []
     for h in range(src.num_heads):
-        g = h // src.n_rep
-        kv_b += [rotation.nope[:, group_block(d, g)].T @ up_k, up_v[group_block(d, g)]]
+        blk = group_block(d, h // src.n_rep)
+        kv_b += [rotation.nope_inv[blk] @ up_k, up_v[blk]]
     kv_b = torch.cat(kv_b)
 
     kv_a = torch.cat([latent.down, rotation.rope @ aug_k])  # [r + d_rope, D+1]

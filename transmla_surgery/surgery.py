@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .architectures import SourceAttention, check_supported, decoder_layers, source_weights
-from .calibration import attention_input_grams, materialize
+from .calibration import LayerInputBuffer, attention_input_grams, materialize
 from .config import MLAConfig
 from .errors import CalibrationError, ConversionError, TransMLAError, UnsupportedModelError
 from .factorize import factorize_layer
@@ -51,6 +51,15 @@ def _check_weights_finite(model: nn.Module) -> None:
             raise UnsupportedModelError(f"layer {i} input_layernorm.weight holds NaN or Inf; refusing to convert")
 
 
+def _check_uniform_layer_types(model: nn.Module) -> None:
+    types = getattr(model.config, "layer_types", None)
+    if types and len(set(types)) > 1:
+        raise UnsupportedModelError(
+            f"keep_activations=True needs one attention type in all layers, got {sorted(set(types))}; "
+            "use keep_activations=False"
+        )
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -67,7 +76,12 @@ def _progress(enabled: bool):
 
 @torch.no_grad()
 def convert_to_mla(
-    model: nn.Module, config: MLAConfig, calibration: Iterable, *, progress: bool = True
+    model: nn.Module,
+    config: MLAConfig,
+    calibration: Iterable,
+    *,
+    keep_activations: bool = False,
+    progress: bool = True,
 ) -> ConversionReport:
     """Replace every GQA attention block of ``model`` by an `MLAAttention` block, in place.
 
@@ -78,6 +92,10 @@ def convert_to_mla(
         calibration: an iterable of ``input_ids`` tensors ``[batch, seq]`` or of dicts with ``input_ids`` and an
             optional ``attention_mask`` (masked positions enter no statistic). It is validated whole before the
             model is touched, and re-run once per layer when ``config.calibration_inputs == "converted"``.
+        keep_activations: keep the hidden states entering the current layer for all calibration tokens
+            (``tokens × hidden`` values) and advance them one layer at a time: one layer-forward per layer
+            instead of re-running the stream through all earlier layers (quadratic in depth). Off by default, so
+            that memory does not grow with the amount of calibration data.
         progress: show a rich progress bar.
 
     Returns:
@@ -108,14 +126,28 @@ def convert_to_mla(
 
     try:
         with _progress(progress) as bar:
-            n_passes = len(layers) if config.calibration_inputs == "converted" else 1
-            task = None if bar is None else bar.add_task("calibrating + converting", total=n_passes * len(batches))
+            n_layers = len(layers)
+            if keep_activations:
+                total, unit = n_layers, "layer"
+            else:
+                total, unit = (n_layers if config.calibration_inputs == "converted" else 1) * len(batches), "batch"
+            task = None if bar is None else bar.add_task(f"calibrating + converting ({unit}s)", total=total)
             advance = None if bar is None else (lambda: bar.advance(task))
-            grams = None
-            if config.calibration_inputs == "original":
-                grams = attention_input_grams(model, list(range(len(layers))), batches, progress=advance)
+            grams = buffer = None
+            if keep_activations:
+                _check_uniform_layer_types(model)
+                buffer = LayerInputBuffer(model, batches)
+            elif config.calibration_inputs == "original":
+                grams = attention_input_grams(model, list(range(n_layers)), batches, progress=advance)
             for i, layer in enumerate(layers):
-                acc = grams[i] if grams is not None else attention_input_grams(model, [i], batches, progress=advance)[i]
+                if buffer is not None:
+                    acc = buffer.attention_gram(i)
+                elif grams is not None:
+                    acc = grams.pop(i)  # free each Gram as soon as its layer is done
+                else:
+                    acc = attention_input_grams(model, [i], batches, progress=advance)[i]
+                if buffer is not None and config.calibration_inputs == "original" and i + 1 < n_layers:
+                    buffer.advance(i)  # the next layer sees what the original layer computes
                 weights = factorize_layer(
                     acc.second_moment(),
                     src,
@@ -125,12 +157,17 @@ def convert_to_mla(
                     fold=fold,
                     balance_kv=config.balance_kv,
                     subspace=config.subspace,
+                    rope_selection=config.rope_selection,
                     q_lora_rank=config.q_lora_rank,
                     damping=config.damping,
                 )
                 block = build_mla_block(geometry, i, model.config, weights.tensors, dtype=dtype, device=device)
                 block.train(originals[i].training)
                 layer.self_attn = block
+                if buffer is not None and config.calibration_inputs == "converted" and i + 1 < n_layers:
+                    buffer.advance(i)  # the next layer sees what this layer computes once converted
+                if buffer is not None and advance is not None:
+                    advance()
                 report.layers.append(
                     LayerReport(
                         layer=i,
@@ -142,8 +179,6 @@ def convert_to_mla(
                         calibration_tokens=acc.count,
                     )
                 )
-                if grams is not None:
-                    del grams[i]  # free each Gram as soon as its layer is done
     except BaseException as exc:
         for layer, original in zip(layers, originals):
             layer.self_attn = original

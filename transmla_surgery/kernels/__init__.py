@@ -1,0 +1,77 @@
+"""Decode kernels. `decode_attention` picks the Triton kernel on CUDA and the PyTorch reference elsewhere.
+
+Backend selection: ``set_decode_backend("auto" | "torch" | "triton")`` or the environment variable
+``TRANSMLA_DECODE_BACKEND``; ``auto`` uses Triton for CUDA tensors in float16/bfloat16/float32 when no gradient
+is needed, the PyTorch reference otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import causal_mask, decode_attention_reference
+
+_BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("TRANSMLA_DECODE_BACKEND", "auto")
+
+
+def set_decode_backend(name: str) -> None:
+    """Force the absorbed-decode backend: ``"auto"`` (default), ``"torch"`` or ``"triton"``."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"decode backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_decode_backend() -> str:
+    return _backend
+
+
+def triton_available() -> bool:
+    try:
+        from .mla_decode import triton_available as available
+    except Exception:  # pragma: no cover - a broken triton install counts as absent
+        return False
+    return available()
+
+
+def _wants_triton(*tensors: torch.Tensor) -> bool:
+    if _backend == "torch":
+        return False
+    if _backend == "triton":
+        return True
+    t = tensors[0]
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16, torch.float32) and not needs_grad and triton_available()
+
+
+def decode_attention(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    kv_len: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Absorbed MLA attention ``[B, T, H, r]`` (shapes in `reference`). ``kv_len`` (optional int tensor) bounds
+    the tokens the Triton kernel reads; it must only exclude positions that ``mask`` already masks."""
+    if _wants_triton(q_lat, q_rope, latent, k_rope):
+        from .mla_decode import decode_attention_triton, mla_decode_op
+
+        if mla_decode_op is not None and torch.compiler.is_compiling():
+            return mla_decode_op(q_lat, q_rope, latent, k_rope, scale, mask, kv_len)
+        return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len)
+    return decode_attention_reference(q_lat, q_rope, latent, k_rope, scale, mask)
+
+
+__all__ = [
+    "decode_attention",
+    "decode_attention_reference",
+    "causal_mask",
+    "set_decode_backend",
+    "get_decode_backend",
+    "triton_available",
+]

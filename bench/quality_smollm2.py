@@ -1,0 +1,160 @@
+"""Training-free quality of the conversion on SmolLM2-135M (issue 2's protocol).
+
+Protocol: WikiText-2 test (``../shared/data/wikitext-2-raw/wiki.test.txt``) tokenised whole without BOS; the
+first 40 non-overlapping 512-token windows are the evaluation set (perplexity over all predicted tokens);
+calibration = 64 sequences of 256 tokens taken consecutively from token offset 20480 of the same stream;
+float32 on the CPU.
+
+For each compression (32+160 = 50%, 32+64 = 75%, 16+32 = 87.5% of SmolLM2's 384 KV values per token and
+layer) it measures the partial-RoPE model alone (full latent rank) and MLA under each method variant, so that
+every idea's effect is reported on its own.
+
+    python bench/quality_smollm2.py            # writes bench/results/quality_smollm2.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from transmla_surgery import MLAConfig, convert_to_mla
+from transmla_surgery.data import batched, perplexity, tokenize, windows
+from transmla_surgery.models import load_model
+
+WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.txt"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (name, rope dim, latent rank)
+COMPRESSIONS = [("50%", 32, 160), ("75%", 32, 64), ("87.5%", 16, 32)]
+# (variant name, MLAConfig overrides): the reference's recipe first, then one idea at a time, then the default.
+VARIANTS = [
+    ("reference (original inputs, key-variance PCA)", dict(calibration_inputs="original", subspace="variance")),
+    ("+ converted-layer calibration", dict(calibration_inputs="converted", subspace="variance")),
+    ("+ attention-output subspace (default)", dict(calibration_inputs="converted", subspace="attention")),
+    ("attention subspace, original inputs", dict(calibration_inputs="original", subspace="attention")),
+]
+
+
+class PeakRSS:
+    """Samples the process's resident memory every 20 ms; reports the peak above the level at entry."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra_bytes(self) -> int:
+        return self.peak - self.base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--calib-seqs", type=int, default=64)
+    parser.add_argument("--variants", default="all", help="comma-separated indices into VARIANTS, or 'all'")
+    parser.add_argument("--compressions", default="all", help="comma-separated names (50%%,75%%,87.5%%) or 'all'")
+    parser.add_argument("--folds", default="", help="extra freqfold values to measure with the default variant")
+    parser.add_argument("--out", default=str(RESULTS / "quality_smollm2"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    model, tokenizer = load_model(dtype=torch.float32)
+    stream = tokenize(tokenizer, WIKITEXT.read_text(encoding="utf-8"))
+    eval_rows = windows(stream, args.eval_windows, 512)
+    calib = batched(windows(stream, args.calib_seqs, 256, offset=40 * 512), 8)
+    rows: list[dict] = []
+    results = {
+        "protocol": "WikiText-2 test, whole text tokenised without BOS, first %d non-overlapping 512-token windows; "
+        "calibration %d x 256 tokens from token offset 20480; float32" % (args.eval_windows, args.calib_seqs),
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "rows": rows,
+    }
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(results, args.out)
+
+    t0 = time.perf_counter()
+    original = perplexity(model, eval_rows)
+    record({"compression": "0%", "variant": "original", "kv_per_token_per_layer": 384, "perplexity": original,
+            "eval_seconds": time.perf_counter() - t0})
+
+    chosen = [int(i) for i in args.variants.split(",")] if args.variants != "all" else range(len(VARIANTS))
+    comps = [c for c in COMPRESSIONS if args.compressions == "all" or c[0] in args.compressions.split(",")]
+    for name, rope, rank in comps:
+        runs = [("partial-RoPE only (full rank)", dict(calibration_inputs="converted", subspace="attention"), 384 - rope, None)]
+        runs += [(VARIANTS[i][0], VARIANTS[i][1], rank, None) for i in chosen]
+        runs += [(f"default, freqfold={f}", dict(), rank, int(f)) for f in args.folds.split(",") if f]
+        for variant, overrides, r, fold in runs:
+            candidate = copy.deepcopy(model)
+            config = MLAConfig(kv_lora_rank=r, qk_rope_head_dim=rope, freqfold=fold, **overrides)
+            with PeakRSS() as mem:
+                report = convert_to_mla(candidate, config, calib, keep_activations=True, progress=False)
+            t1 = time.perf_counter()
+            ppl = perplexity(candidate, eval_rows)
+            record({
+                "compression": name, "variant": variant, "qk_rope_head_dim": rope, "kv_lora_rank": r,
+                "freqfold": report.config["freqfold"], "kv_per_token_per_layer": r + rope,
+                "perplexity": ppl, "ratio_to_original": ppl / original,
+                "conversion_seconds": report.seconds, "conversion_peak_extra_rss_mib": mem.extra_bytes / 2**20,
+                "eval_seconds": time.perf_counter() - t1,
+                "mean_rope_energy": sum(x.rope_energy for x in report.layers) / len(report.layers),
+                "mean_latent_energy": sum(x.latent_energy for x in report.layers) / len(report.layers),
+                "config": report.config,
+            })
+            del candidate
+
+
+def write(results: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "# SmolLM2-135M: training-free GQA → MLA quality",
+        "",
+        f"Protocol: {results['protocol']}.",
+        f"Command: `{results['command']}`. Machine: {results['machine']}.",
+        "",
+        "| compression | variant | rope + latent | fold | perplexity | × original | conversion s | conv. peak extra RSS MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['compression']} | {r['variant']} | "
+            + (f"{r['qk_rope_head_dim']} + {r['kv_lora_rank']}" if "kv_lora_rank" in r else "384 (K+V)")
+            + f" | {r.get('freqfold', '')} | {r['perplexity']:.2f} | {r.get('ratio_to_original', 1.0):.2f} | "
+            + (f"{r['conversion_seconds']:.1f} | {r['conversion_peak_extra_rss_mib']:.0f}" if "conversion_seconds" in r else " | ")
+            + " |"
+        )
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

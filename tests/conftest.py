@@ -1,0 +1,73 @@
+"""Tiny random source models shared by the tests (seeded, CPU, a few thousand parameters)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+VOCAB = 97
+
+
+def tiny_model(
+    family: str = "llama",
+    *,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    hidden: int = 48,
+    layers: int = 2,
+    bias: bool = False,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """A randomly initialised Llama/Mistral/Qwen2 causal LM; biases (when present) are made non-trivial."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(attention_bias=bias, **common))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith("layernorm.weight"):
+                p.uniform_(0.5, 1.5)  # non-trivial norms, so input-norm bounds are exercised
+    return model.to(dtype).eval()
+
+
+def calibration(batches: int = 3, batch: int = 4, seq: int = 24, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(batches)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(7))
