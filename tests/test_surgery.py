@@ -224,3 +224,27 @@ def test_calibration_memory_does_not_hold_activations(monkeypatch):
     model = tiny_model("llama")
     convert_to_mla(model, MLAConfig(kv_lora_rank=12, qk_rope_head_dim=8), calibration(batches=5), progress=False)
     assert len(seen) == 2 * 5  # one fold per batch per layer
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_output_refit_never_increases_the_calibration_output_error(keep):
+    """The refit minimises ‖y − W a‖² + λ‖W − W_O‖², and W_O itself is feasible: on the calibration inputs the
+    refitted block's output error cannot exceed that of the unrefitted one."""
+    base = tiny_model("llama", heads=8, kv_heads=2, head_dim=16, layers=1)
+    calib = calibration(batches=4)
+    x = [base.model.layers[0].input_layernorm(base.model.embed_tokens(ids)) for ids in calib]
+    pos = base.model.rotary_emb(x[0], torch.arange(x[0].shape[1])[None])
+    original = base.model.layers[0].self_attn
+    targets = [original(hidden_states=xi, position_embeddings=pos, attention_mask=None)[0] for xi in x]
+    errors = {}
+    for refit in (False, True):
+        m = copy.deepcopy(base)
+        convert_to_mla(m, MLAConfig(kv_lora_rank=10, qk_rope_head_dim=8, refit_output=refit), calib,
+                       keep_activations=keep, progress=False)
+        block = m.model.layers[0].self_attn
+        with torch.no_grad():
+            errors[refit] = sum(
+                float((block(hidden_states=xi, position_embeddings=pos, attention_mask=None)[0] - t).pow(2).sum())
+                for xi, t in zip(x, targets)
+            )
+    assert errors[True] < errors[False]

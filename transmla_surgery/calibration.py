@@ -7,7 +7,7 @@ the amount of calibration data. Forward passes stop right after the last layer t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -107,30 +107,40 @@ class _StopForward(Exception):
     """Raised by a hook once every measured layer has been seen, to skip the rest of the forward pass."""
 
 
+# A visitor receives one batch's attention input x [B, T, D], its padding mask [B, T] (or None) and the keyword
+# arguments the decoder layer passes to its attention block (position_embeddings, attention_mask, ...).
+Visitor = Callable[[torch.Tensor, "torch.Tensor | None", dict], None]
+
+_ATTENTION_KWARGS = ("position_embeddings", "attention_mask", "position_ids")
+
+
 @torch.no_grad()
-def attention_input_grams(
-    model: nn.Module, layer_indices: list[int], batches: Iterable[Batch], *, progress=None
-) -> dict[int, GramAccumulator]:
-    """One pass of the calibration stream through ``model`` as it is now, accumulating the Gram of the
-    attention input of each layer in ``layer_indices``. The forward stops after the last of them."""
+def visit_attention_inputs(
+    model: nn.Module, visitors: dict[int, Visitor], batches: Iterable[Batch], *, progress=None
+) -> None:
+    """Run the calibration stream through ``model`` as it is now and hand each visited layer's attention input
+    to its visitor; the forward pass stops after the last visited layer."""
     layers = decoder_layers(model)
-    wanted = sorted(set(layer_indices))
-    last = wanted[-1]
+    last = max(visitors)
     device = next(model.parameters()).device
-    hidden = model.config.hidden_size
-    accs = {i: GramAccumulator(hidden, device) for i in wanted}
-    state: dict[str, torch.Tensor | None] = {"mask": None}
+    state: dict = {"mask": None, "busy": False}
 
     def make_hook(i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if state["busy"]:  # the visitor itself called this block: let that call through
+                return
             x = kwargs.get("hidden_states", args[0] if args else None)
-            accs[i].add(x, state["mask"], f"layer {i} attention")
+            state["busy"] = True
+            try:
+                visitors[i](x, state["mask"], {k: kwargs[k] for k in _ATTENTION_KWARGS if k in kwargs})
+            finally:
+                state["busy"] = False
             if i == last:
                 raise _StopForward
 
         return hook
 
-    handles = [layers[i].self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in wanted]
+    handles = [layers[i].self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in visitors]
     was_training = model.training
     model.eval()
     try:
@@ -150,9 +160,54 @@ def attention_input_grams(
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+def attention_input_grams(
+    model: nn.Module, layer_indices: list[int], batches: Iterable[Batch], *, progress=None
+) -> dict[int, GramAccumulator]:
+    """One pass of the calibration stream, accumulating the Gram of each listed layer's attention input."""
+    device = next(model.parameters()).device
+    accs = {i: GramAccumulator(model.config.hidden_size, device) for i in sorted(set(layer_indices))}
+    visit_attention_inputs(
+        model,
+        {i: (lambda x, mask, kw, i=i: accs[i].add(x, mask, f"layer {i} attention")) for i in accs},
+        batches,
+        progress=progress,
+    )
     return accs
 
 
+@dataclass
+class RegressionAccumulator:
+    """Running float64 sums for a least-squares fit ``y ≈ W [a; 1]``: ``Σ ã ãᵀ`` and ``Σ y ãᵀ``.
+
+    ``a`` is ``[N, n_in]``, ``y`` ``[N, n_out]``; padding rows are dropped. Memory is ``(n_in+1)·(n_in+n_out+1)``
+    values whatever the amount of data.
+    """
+
+    n_in: int
+    n_out: int
+    device: torch.device | str = "cpu"
+    inputs: torch.Tensor = field(init=False)
+    cross: torch.Tensor = field(init=False)
+    count: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.inputs = torch.zeros(self.n_in + 1, self.n_in + 1, dtype=torch.float64, device=self.device)
+        self.cross = torch.zeros(self.n_out, self.n_in + 1, dtype=torch.float64, device=self.device)
+
+    def add(self, a: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> None:
+        a = a.detach().reshape(-1, a.shape[-1])
+        y = y.detach().reshape(-1, y.shape[-1])
+        if mask is not None:
+            keep = mask.reshape(-1).to(a.device).bool()
+            a, y = a[keep], y[keep]
+        a = a.to(self.inputs.device, torch.float64)
+        y = y.to(self.inputs.device, torch.float64)
+        aug = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
+        self.inputs += aug.T @ aug
+        self.cross += y.T @ aug
+        self.count += a.shape[0]
 class LayerInputBuffer:
     """The hidden states entering one decoder layer, for every calibration token, advanced layer by layer.
 
@@ -192,12 +247,17 @@ class LayerInputBuffer:
             model.train(was_training)
 
     @torch.no_grad()
-    def attention_gram(self, index: int) -> GramAccumulator:
-        """Gram of layer ``index``'s attention input ``input_layernorm(h)`` over the buffered states."""
+    def visit(self, index: int, visitor: Visitor) -> None:
+        """Hand layer ``index``'s attention input ``input_layernorm(h)`` for every buffered batch to ``visitor``."""
         layer = self.layers[index]
-        acc = GramAccumulator(self.hidden[0].shape[-1], next(layer.parameters()).device)
-        for h, mask in zip(self.hidden, self.masks):
-            acc.add(layer.input_layernorm(h.to(acc.device)), mask, f"layer {index} attention")
+        device = next(layer.parameters()).device
+        for h, mask, kw in zip(self.hidden, self.masks, self.kwargs):
+            visitor(layer.input_layernorm(h.to(device)), mask, {k: kw[k] for k in _ATTENTION_KWARGS if k in kw})
+
+    def attention_gram(self, index: int) -> GramAccumulator:
+        """Gram of layer ``index``'s attention input over the buffered states."""
+        acc = GramAccumulator(self.hidden[0].shape[-1], next(self.layers[index].parameters()).device)
+        self.visit(index, lambda x, mask, kw: acc.add(x, mask, f"layer {index} attention"))
         return acc
 
     @torch.no_grad()

@@ -31,15 +31,20 @@ class MLAConfig:
             of the query outputs); ``None`` keeps a full ``q_proj``.
         balance_kv: divide position-free keys by ``α = rms(k_nope) / rms(v)`` before the joint PCA (exact; only
             changes which subspace is kept).
+        key_weight: weight of key against value reconstruction error in the joint PCA (1.0 keeps the balance
+            BKV sets; exact for any value, it only changes which subspace is kept).
         calibration_inputs: ``"converted"`` calibrates layer ``k`` on the outputs of layers ``< k`` as the
             conversion leaves them (the calibration stream is re-run for every layer; memory stays constant);
             ``"original"`` calibrates every layer on the original model's activations in a single pass.
-        rope_selection: ``"attention"`` keeps RoPE on the rotated key components that carry the most score
-            energy ``E[q'²]·E[k'²]`` (an exact non-orthogonal change of basis, queries moving by the inverse
-            transpose); ``"variance"`` is the reference's RoRoPE (orthogonal PCA of the keys alone).
+        rope_selection: ``"variance"`` (default) is the reference's RoRoPE (orthogonal PCA of the keys alone);
+            ``"attention"`` keeps RoPE on the rotated key components that carry the most score energy
+            ``E[q'²]·E[k'²]`` (an exact non-orthogonal change of basis, queries moving by the inverse transpose).
+            Measured worse on SmolLM2 (bench/results/quality_smollm2.md), kept as an option.
         subspace: ``"attention"`` chooses the kept latent by the error it causes in attention scores and
             outputs (keys weighted by the query second moment, values by ``o_proj``); ``"variance"`` is the
             reference's plain PCA of ``[k_nope/α ; v]``.
+        refit_output: refit ``o_proj`` by least squares so each converted block's output matches the source
+            block's on the calibration inputs (compensates what partial RoPE and the latent truncation change).
         damping: added to every Gram matrix before an eigendecomposition, as a fraction of its mean diagonal.
         latent_norm_eps: ``eps`` of ``kv_a_layernorm`` / ``q_a_layernorm`` in exports (1e-6 is what both
             transformers and serving engines use when ``rms_norm_eps`` is 1e-6).
@@ -50,9 +55,11 @@ class MLAConfig:
     freqfold: int | None = None
     q_lora_rank: int | None = None
     balance_kv: bool = True
+    key_weight: float = 1.0
     calibration_inputs: CalibrationInputs = "converted"
-    rope_selection: Subspace = "attention"
+    rope_selection: Subspace = "variance"
     subspace: Subspace = "attention"
+    refit_output: bool = True
     damping: float = 0.01
     latent_norm_eps: float = 1e-6
 
@@ -75,6 +82,8 @@ class MLAConfig:
             _int("q_lora_rank", self.q_lora_rank, 1)
         if not isinstance(self.balance_kv, bool):
             raise ConfigError(f"MLAConfig.balance_kv must be True or False, got {self.balance_kv!r}")
+        if isinstance(self.key_weight, bool) or not isinstance(self.key_weight, (int, float)) or not self.key_weight > 0:
+            raise ConfigError(f"MLAConfig.key_weight must be a positive number, got {self.key_weight!r}")
         if self.calibration_inputs not in ("converted", "original"):
             raise ConfigError(
                 f"MLAConfig.calibration_inputs must be 'converted' or 'original', got {self.calibration_inputs!r}"
@@ -82,6 +91,8 @@ class MLAConfig:
         for name in ("subspace", "rope_selection"):
             if getattr(self, name) not in ("attention", "variance"):
                 raise ConfigError(f"MLAConfig.{name} must be 'attention' or 'variance', got {getattr(self, name)!r}")
+        if not isinstance(self.refit_output, bool):
+            raise ConfigError(f"MLAConfig.refit_output must be True or False, got {self.refit_output!r}")
         if not isinstance(self.damping, (int, float)) or not (0.0 <= float(self.damping) < 1.0):
             raise ConfigError(f"MLAConfig.damping must be a number in [0, 1), got {self.damping!r}")
         if not isinstance(self.latent_norm_eps, (int, float)) or not (0.0 < float(self.latent_norm_eps) < 1.0):

@@ -232,6 +232,7 @@ def joint_latent(
     *,
     balance_kv: bool,
     damping: float,
+    key_weight: float = 1.0,
     key_metric: torch.Tensor | None = None,
     value_metric: torch.Tensor | None = None,
 ) -> JointLatent:
@@ -241,6 +242,7 @@ def joint_latent(
         sigma: ``Σ = E[x̃ x̃ᵀ]``, ``[D+1, D+1]``.
         aug_k_nope: position-free rotated keys ``A_nope W̃_K``, ``[n_k, D+1]``.
         aug_v: values ``W̃_V``, ``[G·d, D+1]``.
+        key_weight: relative weight of key against value reconstruction error (1 keeps BKV's balance).
         key_metric, value_metric: optional PSD metrics (``[n_k, n_k]``, ``[G·d, G·d]``) saying how much an error
             in each direction costs downstream. When given, the kept subspace minimises the metric-weighted
             reconstruction error instead of the plain one; each metric is first normalised so that it leaves
@@ -250,6 +252,8 @@ def joint_latent(
     energy_k = float(gram_of(aug_k_nope, sigma).trace()) if n_k else 0.0
     energy_v = float(gram_of(aug_v, sigma).trace())
     alpha = math.sqrt(energy_k / energy_v) if (balance_kv and n_k and energy_k > 0 and energy_v > 0) else 1.0
+    # key_weight scales the keys' share of the PCA objective (1 = the balance BKV sets); exact like BKV itself.
+    alpha /= math.sqrt(key_weight)
     aug_z = torch.cat([aug_k_nope / alpha, aug_v])
     gram_z = gram_of(aug_z, sigma)
     if key_metric is None and value_metric is None:
@@ -335,6 +339,7 @@ def factorize_layer(
     rope_dim: int,
     fold: int,
     balance_kv: bool = True,
+    key_weight: float = 1.0,
     subspace: str = "attention",
     rope_selection: str = "attention",
     q_lora_rank: int | None = None,
@@ -353,7 +358,7 @@ def factorize_layer(
     aug_k_nope = rotation.nope @ aug_k
     metrics = attention_metrics(sigma, src, w, rotation) if subspace == "attention" else (None, None)
     latent = joint_latent(
-        sigma, aug_k_nope, aug_v, kv_lora_rank, balance_kv=balance_kv, damping=damping,
+        sigma, aug_k_nope, aug_v, kv_lora_rank, balance_kv=balance_kv, damping=damping, key_weight=key_weight,
         key_metric=metrics[0], value_metric=metrics[1],
     )
     n_k = aug_k_nope.shape[0]
@@ -390,3 +395,22 @@ def factorize_layer(
             tensors["q_a_proj.bias"] = q_a[:, -1]
         tensors["q_b_proj.weight"] = s
     return MLAWeights(tensors, rotation.rope_energy, latent.energy, latent.alpha)
+
+
+def least_squares_map(
+    inputs: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, *, bias: bool, ridge: float
+) -> torch.Tensor:
+    """Solve ``min_W Σ ‖y − W ã‖² + λ‖W − W₀‖²`` from running sums ``Σ ã ãᵀ`` (``[n+1, n+1]``) and
+    ``Σ y ãᵀ`` (``[m, n+1]``).
+
+    The ridge pulls towards the prior ``W₀`` (``[m, n+1]`` with bias, else ``[m, n]``) rather than towards zero,
+    so directions the calibration data does not determine keep their prior value, and an exact fit
+    (``y = W₀ ã``) returns ``W₀`` for any ``λ``. ``λ`` is ``ridge`` times the mean diagonal of ``Σ ã ãᵀ``.
+    Returns ``[m, n+1]`` (last column the bias) when ``bias``, else ``[m, n]`` fitted without an intercept.
+    """
+    if not bias:
+        inputs, cross = inputs[:-1, :-1], cross[:, :-1]
+    n = inputs.shape[0]
+    lam = ridge * float(inputs.diagonal().mean().clamp_min(1e-300))
+    a = inputs + lam * torch.eye(n, dtype=inputs.dtype, device=inputs.device)
+    return torch.linalg.solve(a, (cross + lam * prior).T).T  # a is symmetric

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from .architectures import SourceAttention, check_supported, decoder_layers, source_weights
-from .calibration import LayerInputBuffer, attention_input_grams, materialize
+from .calibration import LayerInputBuffer, RegressionAccumulator, attention_input_grams, materialize, visit_attention_inputs
 from .config import MLAConfig
 from .errors import CalibrationError, ConversionError, TransMLAError, UnsupportedModelError
-from .factorize import factorize_layer
+from .factorize import factorize_layer, least_squares_map
 from .mla_attention import MLAAttention, MLAGeometry
 from .report import ConversionReport, LayerReport
 
@@ -156,12 +156,19 @@ def convert_to_mla(
                     rope_dim=config.qk_rope_head_dim,
                     fold=fold,
                     balance_kv=config.balance_kv,
+                    key_weight=config.key_weight,
                     subspace=config.subspace,
                     rope_selection=config.rope_selection,
                     q_lora_rank=config.q_lora_rank,
                     damping=config.damping,
                 )
                 block = build_mla_block(geometry, i, model.config, weights.tensors, dtype=dtype, device=device)
+                if config.refit_output:
+                    visit = (
+                        (lambda fn, i=i: buffer.visit(i, fn)) if buffer is not None
+                        else (lambda fn, i=i: visit_attention_inputs(model, {i: fn}, batches))
+                    )
+                    refit_output_projection(block, originals[i], visit, src.o_bias)
                 block.train(originals[i].training)
                 layer.self_attn = block
                 if buffer is not None and config.calibration_inputs == "converted" and i + 1 < n_layers:
@@ -193,6 +200,47 @@ def convert_to_mla(
     report.seconds = time.perf_counter() - start
     report.peak_memory_bytes = _peak_memory(device)
     return report
+
+
+@torch.no_grad()
+def refit_output_projection(block: MLAAttention, original: nn.Module, visit, has_bias: bool, ridge: float = 1e-3) -> None:
+    """Refit ``block.o_proj`` by least squares so the block's output matches the source block's on the same
+    calibration inputs (running float64 sums, no stored activations).
+
+    The per-head attention outputs ``a`` (``[tokens, H·d_v]``) that reach ``o_proj`` carry every change the
+    lossy steps made (partial RoPE moves attention weights, the latent truncates values); refitting the linear
+    map from ``a`` to the source's output recovers what a linear map can. At full rank of an exact conversion
+    it returns ``W_O`` itself. ``visit`` hands each batch's attention input to a callback.
+    """
+    hidden = block.o_proj.out_features
+    acc = RegressionAccumulator(block.o_proj.in_features, hidden, block.o_proj.weight.device)
+    captured: dict[str, torch.Tensor] = {}
+    handle = block.o_proj.register_forward_pre_hook(lambda module, args: captured.__setitem__("a", args[0]))
+    modes = (block.training, original.training)
+    block.eval()
+    original.eval()
+    try:
+        def visitor(x: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> None:
+            target = original(hidden_states=x, **kwargs)[0]
+            block(hidden_states=x, **kwargs)
+            acc.add(captured.pop("a"), target, mask)
+
+        visit(visitor)
+    finally:
+        handle.remove()
+        block.train(modes[0])
+        original.train(modes[1])
+    prior = block.o_proj.weight.detach().double()
+    if has_bias:
+        prior = torch.cat([prior, block.o_proj.bias.detach().double()[:, None]], dim=1)
+    w = least_squares_map(acc.inputs, acc.cross, prior, bias=has_bias, ridge=ridge)
+    if not bool(torch.isfinite(w).all()):
+        raise CalibrationError("output-projection refit produced non-finite weights")
+    if has_bias:
+        block.o_proj.weight.copy_(w[:, :-1])
+        block.o_proj.bias.copy_(w[:, -1])
+    else:
+        block.o_proj.weight.copy_(w)
 
 
 def build_mla_block(
