@@ -216,8 +216,15 @@ class LayerInputBuffer:
     memory (37 MB for SmolLM2-135M on 16K tokens in float32). Statistics are still running float64 sums.
     """
 
-    def __init__(self, model: nn.Module, batches: list[Batch], device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: list[Batch],
+        device: torch.device | str | None = None,
+        track_reference: bool = False,
+    ) -> None:
         self.layers = decoder_layers(model)
+        self.reference: list[torch.Tensor] | None = None
         self.masks = [mask for _, mask in batches]
         self.device = device
         self.hidden: list[torch.Tensor] = []
@@ -245,6 +252,8 @@ class LayerInputBuffer:
         finally:
             handle.remove()
             model.train(was_training)
+        if track_reference:  # the original model's stream, advanced with the original layers
+            self.reference = [h.clone() for h in self.hidden]
 
     @torch.no_grad()
     def visit(self, index: int, visitor: Visitor) -> None:
@@ -261,16 +270,41 @@ class LayerInputBuffer:
         return acc
 
     @torch.no_grad()
-    def advance(self, index: int) -> None:
-        """Replace the buffered states by the outputs of layer ``index`` as it is now."""
+    def visit_with_reference(self, index: int, original_attention: nn.Module, visitor: Callable) -> None:
+        """Like `visit`, adding ``target``: what layer ``index``'s attention would have to output for the
+        converted stream to rejoin the original one, ``attn_orig(norm(h_ref)) + (h_ref − h)``."""
+        if self.reference is None:
+            raise ValueError("this buffer does not track the original stream (track_reference=False)")
         layer = self.layers[index]
+        device = next(layer.parameters()).device
+        for h, ref, mask, kw in zip(self.hidden, self.reference, self.masks, self.kwargs):
+            h, ref = h.to(device), ref.to(device)
+            attn_kw = {k: kw[k] for k in _ATTENTION_KWARGS if k in kw}
+            target = original_attention(hidden_states=layer.input_layernorm(ref), **attn_kw)[0] + (ref - h)
+            visitor(layer.input_layernorm(h), mask, attn_kw, target=target)
+
+    @torch.no_grad()
+    def advance(self, index: int, reference_attention: nn.Module | None = None) -> None:
+        """Replace the buffered states by the outputs of layer ``index`` as it is now; with
+        ``reference_attention``, also advance the original stream through the layer with that attention block."""
+        layer = self.layers[index]
+        self._run(layer, self.hidden)
+        if self.reference is not None and reference_attention is not None:
+            current = layer.self_attn
+            layer.self_attn = reference_attention
+            try:
+                self._run(layer, self.reference)
+            finally:
+                layer.self_attn = current
+
+    def _run(self, layer: nn.Module, states: list[torch.Tensor]) -> None:
         was_training = layer.training
         layer.eval()
         device = next(layer.parameters()).device
         try:
-            for b, (h, kw) in enumerate(zip(self.hidden, self.kwargs)):
+            for b, (h, kw) in enumerate(zip(states, self.kwargs)):
                 out = layer(h.to(device), **kw)
                 out = out[0] if isinstance(out, tuple) else out
-                self.hidden[b] = out.to(h.device)
+                states[b] = out.to(h.device)
         finally:
             layer.train(was_training)

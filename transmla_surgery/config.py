@@ -45,6 +45,9 @@ class MLAConfig:
             reference's plain PCA of ``[k_nope/α ; v]``.
         refit_output: refit ``o_proj`` by least squares so each converted block's output matches the source
             block's on the calibration inputs (compensates what partial RoPE and the latent truncation change).
+        refit_target: ``"layer"`` fits the source block's output on the same input; ``"model"`` fits what would
+            bring the converted residual stream back to the original model's (needs ``keep_activations=True``;
+            twice the activation memory).
         damping: added to every Gram matrix before an eigendecomposition, as a fraction of its mean diagonal.
         latent_norm_eps: ``eps`` of ``kv_a_layernorm`` / ``q_a_layernorm`` in exports (1e-6 is what both
             transformers and serving engines use when ``rms_norm_eps`` is 1e-6).
@@ -60,6 +63,7 @@ class MLAConfig:
     rope_selection: Subspace = "variance"
     subspace: Subspace = "attention"
     refit_output: bool = True
+    refit_target: Literal["layer", "model"] = "layer"
     damping: float = 0.01
     latent_norm_eps: float = 1e-6
 
@@ -93,6 +97,8 @@ class MLAConfig:
                 raise ConfigError(f"MLAConfig.{name} must be 'attention' or 'variance', got {getattr(self, name)!r}")
         if not isinstance(self.refit_output, bool):
             raise ConfigError(f"MLAConfig.refit_output must be True or False, got {self.refit_output!r}")
+        if self.refit_target not in ("layer", "model"):
+            raise ConfigError(f"MLAConfig.refit_target must be 'layer' or 'model', got {self.refit_target!r}")
         if not isinstance(self.damping, (int, float)) or not (0.0 <= float(self.damping) < 1.0):
             raise ConfigError(f"MLAConfig.damping must be a number in [0, 1), got {self.damping!r}")
         if not isinstance(self.latent_norm_eps, (int, float)) or not (0.0 < float(self.latent_norm_eps) < 1.0):

@@ -14,7 +14,7 @@ from torch import nn
 from .architectures import SourceAttention, check_supported, decoder_layers, source_weights
 from .calibration import LayerInputBuffer, RegressionAccumulator, attention_input_grams, materialize, visit_attention_inputs
 from .config import MLAConfig
-from .errors import CalibrationError, ConversionError, TransMLAError, UnsupportedModelError
+from .errors import CalibrationError, ConfigError, ConversionError, TransMLAError, UnsupportedModelError
 from .factorize import factorize_layer, least_squares_map
 from .mla_attention import MLAAttention, MLAGeometry
 from .report import ConversionReport, LayerReport
@@ -111,6 +111,10 @@ def convert_to_mla(
     config.check_against_geometry(
         num_kv_heads=src.num_kv_heads, head_dim=src.head_dim, num_heads=src.num_heads, hidden_size=src.hidden_size
     )
+    if config.refit_output and config.refit_target == "model" and not keep_activations:
+        raise ConfigError("refit_target='model' needs keep_activations=True (it tracks the original stream too)")
+    if config.refit_target == "model" and config.calibration_inputs != "converted":
+        raise ConfigError("refit_target='model' needs calibration_inputs='converted'")
     _check_weights_finite(model)
     batches = materialize(calibration, getattr(model.config, "vocab_size", None))
     layers = decoder_layers(model)
@@ -136,7 +140,7 @@ def convert_to_mla(
             grams = buffer = None
             if keep_activations:
                 _check_uniform_layer_types(model)
-                buffer = LayerInputBuffer(model, batches)
+                buffer = LayerInputBuffer(model, batches, track_reference=config.refit_target == "model")
             elif config.calibration_inputs == "original":
                 grams = attention_input_grams(model, list(range(n_layers)), batches, progress=advance)
             for i, layer in enumerate(layers):
@@ -164,15 +168,17 @@ def convert_to_mla(
                 )
                 block = build_mla_block(geometry, i, model.config, weights.tensors, dtype=dtype, device=device)
                 if config.refit_output:
-                    visit = (
-                        (lambda fn, i=i: buffer.visit(i, fn)) if buffer is not None
-                        else (lambda fn, i=i: visit_attention_inputs(model, {i: fn}, batches))
-                    )
+                    if config.refit_target == "model":
+                        visit = lambda fn, i=i: buffer.visit_with_reference(i, originals[i], fn)  # noqa: E731
+                    elif buffer is not None:
+                        visit = lambda fn, i=i: buffer.visit(i, fn)  # noqa: E731
+                    else:
+                        visit = lambda fn, i=i: visit_attention_inputs(model, {i: fn}, batches)  # noqa: E731
                     refit_output_projection(block, originals[i], visit, src.o_bias)
                 block.train(originals[i].training)
                 layer.self_attn = block
                 if buffer is not None and config.calibration_inputs == "converted" and i + 1 < n_layers:
-                    buffer.advance(i)  # the next layer sees what this layer computes once converted
+                    buffer.advance(i, originals[i])  # the next layer sees what this layer computes once converted
                 if buffer is not None and advance is not None:
                     advance()
                 report.layers.append(
@@ -210,7 +216,8 @@ def refit_output_projection(block: MLAAttention, original: nn.Module, visit, has
     The per-head attention outputs ``a`` (``[tokens, H·d_v]``) that reach ``o_proj`` carry every change the
     lossy steps made (partial RoPE moves attention weights, the latent truncates values); refitting the linear
     map from ``a`` to the source's output recovers what a linear map can. At full rank of an exact conversion
-    it returns ``W_O`` itself. ``visit`` hands each batch's attention input to a callback.
+    it returns ``W_O`` itself. ``visit`` hands each batch's attention input to a callback (and, for
+    ``refit_target="model"``, the output that would bring the converted stream back to the original one).
     """
     hidden = block.o_proj.out_features
     acc = RegressionAccumulator(block.o_proj.in_features, hidden, block.o_proj.weight.device)
@@ -220,8 +227,9 @@ def refit_output_projection(block: MLAAttention, original: nn.Module, visit, has
     block.eval()
     original.eval()
     try:
-        def visitor(x: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> None:
-            target = original(hidden_states=x, **kwargs)[0]
+        def visitor(x: torch.Tensor, mask: torch.Tensor | None, kwargs: dict, target: torch.Tensor | None = None) -> None:
+            if target is None:
+                target = original(hidden_states=x, **kwargs)[0]
             block(hidden_states=x, **kwargs)
             acc.add(captured.pop("a"), target, mask)
 
