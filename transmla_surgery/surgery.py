@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from .architectures import SourceAttention, check_supported, decoder_layers, source_weights
-from .calibration import LayerInputBuffer, RegressionAccumulator, attention_input_grams, materialize, visit_attention_inputs
+from .calibration import (
+    GramAccumulator,
+    LayerInputBuffer,
+    RegressionAccumulator,
+    attention_input_grams,
+    materialize,
+    visit_attention_inputs,
+)
 from .config import MLAConfig
 from .errors import CalibrationError, ConfigError, ConversionError, TransMLAError, UnsupportedModelError
 from .factorize import factorize_layer, least_squares_map
@@ -120,10 +127,8 @@ def convert_to_mla(
     layers = decoder_layers(model)
     originals = [layer.self_attn for layer in layers]
     device = originals[0].q_proj.weight.device
-    dtype = originals[0].q_proj.weight.dtype
     geometry = mla_geometry(src, config)
-    fold = config.resolved_freqfold(src.head_dim)
-    report = ConversionReport(config={**config.to_dict(), "freqfold": fold})
+    report = ConversionReport(config={**config.to_dict(), "freqfold": config.resolved_freqfold(src.head_dim)})
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -145,53 +150,14 @@ def convert_to_mla(
                 grams = attention_input_grams(model, list(range(n_layers)), batches, progress=advance)
             for i, layer in enumerate(layers):
                 if buffer is not None:
-                    acc = buffer.attention_gram(i)
-                elif grams is not None:
-                    acc = grams.pop(i)  # free each Gram as soon as its layer is done
+                    row = convert_buffered_layer(i, layer, originals[i], buffer, src, config, model.config)
+                    if advance is not None:
+                        advance()
                 else:
-                    acc = attention_input_grams(model, [i], batches, progress=advance)[i]
-                if buffer is not None and config.calibration_inputs == "original" and i + 1 < n_layers:
-                    buffer.advance(i)  # the next layer sees what the original layer computes
-                weights = factorize_layer(
-                    acc.second_moment(),
-                    src,
-                    source_weights(originals[i], device),
-                    kv_lora_rank=config.kv_lora_rank,
-                    rope_dim=config.qk_rope_head_dim,
-                    fold=fold,
-                    balance_kv=config.balance_kv,
-                    key_weight=config.key_weight,
-                    subspace=config.subspace,
-                    rope_selection=config.rope_selection,
-                    q_lora_rank=config.q_lora_rank,
-                    damping=config.damping,
-                )
-                block = build_mla_block(geometry, i, model.config, weights.tensors, dtype=dtype, device=device)
-                if config.refit_output:
-                    if config.refit_target == "model":
-                        visit = lambda fn, i=i: buffer.visit_with_reference(i, originals[i], fn)  # noqa: E731
-                    elif buffer is not None:
-                        visit = lambda fn, i=i: buffer.visit(i, fn)  # noqa: E731
-                    else:
-                        visit = lambda fn, i=i: visit_attention_inputs(model, {i: fn}, batches)  # noqa: E731
-                    refit_output_projection(block, originals[i], visit, src.o_bias)
-                block.train(originals[i].training)
-                layer.self_attn = block
-                if buffer is not None and config.calibration_inputs == "converted" and i + 1 < n_layers:
-                    buffer.advance(i, originals[i])  # the next layer sees what this layer computes once converted
-                if buffer is not None and advance is not None:
-                    advance()
-                report.layers.append(
-                    LayerReport(
-                        layer=i,
-                        rope_energy=weights.rope_energy,
-                        latent_energy=weights.latent_energy,
-                        alpha=weights.alpha,
-                        kv_before=2 * src.num_kv_heads * src.head_dim,
-                        kv_after=geometry.cache_width,
-                        calibration_tokens=acc.count,
-                    )
-                )
+                    acc = grams.pop(i) if grams is not None else attention_input_grams(model, [i], batches, progress=advance)[i]
+                    visit = lambda fn, i=i: visit_attention_inputs(model, {i: fn}, batches)  # noqa: E731
+                    layer.self_attn, row = convert_layer(i, originals[i], acc, visit, src, config, model.config)
+                report.layers.append(row)
     except BaseException as exc:
         for layer, original in zip(layers, originals):
             layer.self_attn = original
@@ -206,6 +172,73 @@ def convert_to_mla(
     report.seconds = time.perf_counter() - start
     report.peak_memory_bytes = _peak_memory(device)
     return report
+
+
+def convert_layer(
+    index: int,
+    original: nn.Module,
+    acc: GramAccumulator,
+    visit,
+    src: SourceAttention,
+    config: MLAConfig,
+    host_config: Any,
+) -> tuple[MLAAttention, LayerReport]:
+    """Factorise one source attention block from its input statistics and build its `MLAAttention`
+    (refitting ``o_proj`` through ``visit`` when configured). The model itself is not touched."""
+    weight = original.q_proj.weight
+    geometry = mla_geometry(src, config)
+    weights = factorize_layer(
+        acc.second_moment(),
+        src,
+        source_weights(original, weight.device),
+        kv_lora_rank=config.kv_lora_rank,
+        rope_dim=config.qk_rope_head_dim,
+        fold=config.resolved_freqfold(src.head_dim),
+        balance_kv=config.balance_kv,
+        key_weight=config.key_weight,
+        subspace=config.subspace,
+        rope_selection=config.rope_selection,
+        q_lora_rank=config.q_lora_rank,
+        damping=config.damping,
+    )
+    block = build_mla_block(geometry, index, host_config, weights.tensors, dtype=weight.dtype, device=weight.device)
+    if config.refit_output:
+        refit_output_projection(block, original, visit, src.o_bias)
+    block.train(original.training)
+    row = LayerReport(
+        layer=index,
+        rope_energy=weights.rope_energy,
+        latent_energy=weights.latent_energy,
+        alpha=weights.alpha,
+        kv_before=2 * src.num_kv_heads * src.head_dim,
+        kv_after=geometry.cache_width,
+        calibration_tokens=acc.count,
+    )
+    return block, row
+
+
+def convert_buffered_layer(
+    index: int,
+    layer: nn.Module,
+    original: nn.Module,
+    buffer: LayerInputBuffer,
+    src: SourceAttention,
+    config: MLAConfig,
+    host_config: Any,
+) -> LayerReport:
+    """Convert one decoder layer from buffered hidden states, swap the block in, and advance the buffer."""
+    last = index + 1 == len(buffer.layers)
+    acc = buffer.attention_gram(index)
+    if config.calibration_inputs == "original" and not last:
+        buffer.advance(index)  # the next layer sees what the original layer computes
+    if config.refit_target == "model":
+        visit = lambda fn: buffer.visit_with_reference(index, original, fn)  # noqa: E731
+    else:
+        visit = lambda fn: buffer.visit(index, fn)  # noqa: E731
+    layer.self_attn, row = convert_layer(index, original, acc, visit, src, config, host_config)
+    if config.calibration_inputs == "converted" and not last:
+        buffer.advance(index, original)  # the next layer sees what this layer computes once converted
+    return row
 
 
 @torch.no_grad()
