@@ -7,6 +7,10 @@ import torch
 
 VOCAB = 97
 
+# Tiny models run fastest single-threaded (and do not fight other processes for the two CI cores);
+# the real-model tests raise this again for themselves.
+torch.set_num_threads(1)
+
 
 def tiny_model(
     family: str = "llama",

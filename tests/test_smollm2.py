@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -17,8 +18,16 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def all_cores():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(all_cores):
     from transmla_surgery.models import load_model
 
     model, tokenizer = load_model(dtype=torch.float32)

@@ -5,10 +5,16 @@ from .errors import CalibrationError, ConfigError, ConversionError, TransMLAErro
 from .mla_attention import MLAAttention, MLAGeometry
 from .report import ConversionReport
 from .surgery import convert_to_mla
+from .checkpoint import load_converted
+from .export import ExportError, ExportReport, export_deepseek, load_exported
+from .cache import MLAStaticCache
+from .kernels import set_decode_backend
+from .streaming import convert_checkpoint
 
 __all__ = [
     "MLAConfig",
     "convert_to_mla",
+    "convert_checkpoint",
     "MLAAttention",
     "MLAGeometry",
     "ConversionReport",
@@ -17,5 +23,12 @@ __all__ = [
     "UnsupportedModelError",
     "CalibrationError",
     "ConversionError",
+    "export_deepseek",
+    "load_exported",
+    "load_converted",
+    "ExportReport",
+    "ExportError",
+    "MLAStaticCache",
+    "set_decode_backend",
 ]
 __version__ = "0.1.0"

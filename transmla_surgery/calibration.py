@@ -40,6 +40,8 @@ def iter_batches(calibration: Iterable, vocab_size: int | None = None) -> Iterat
             raise CalibrationError(f"calibration item {i}: input_ids must be a torch.Tensor, got {type(ids).__name__}")
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise CalibrationError(f"calibration item {i}: input_ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.is_meta or (isinstance(mask, torch.Tensor) and mask.is_meta):
+            raise CalibrationError(f"calibration item {i}: tensors on the 'meta' device hold no data")
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
             mask = None if mask is None else mask.unsqueeze(0)
@@ -55,6 +57,8 @@ def iter_batches(calibration: Iterable, vocab_size: int | None = None) -> Iterat
                 raise CalibrationError(
                     f"calibration item {i}: attention_mask must be a tensor of the input_ids shape {tuple(ids.shape)}"
                 )
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise CalibrationError(f"calibration item {i}: attention_mask must hold only 0 (padding) and 1 (token)")
             if not bool(mask.bool().any()):
                 raise CalibrationError(f"calibration item {i}: attention_mask masks out every token")
         yield ids.long(), (None if mask is None else mask.long())
@@ -254,6 +258,22 @@ class LayerInputBuffer:
             model.train(was_training)
         if track_reference:  # the original model's stream, advanced with the original layers
             self.reference = [h.clone() for h in self.hidden]
+
+    @classmethod
+    def from_states(
+        cls,
+        layers: nn.ModuleList,
+        hidden: list[torch.Tensor],
+        masks: list[torch.Tensor | None],
+        kwargs: list[dict],
+        track_reference: bool = False,
+    ) -> "LayerInputBuffer":
+        """A buffer over hidden states computed elsewhere (streaming conversion builds them from the embedding
+        table alone): ``hidden[b]`` is ``[B, T, D]``, ``kwargs[b]`` what the decoder layer is called with."""
+        self = cls.__new__(cls)
+        self.layers, self.hidden, self.masks, self.kwargs, self.device = layers, hidden, masks, kwargs, None
+        self.reference = [h.clone() for h in hidden] if track_reference else None
+        return self
 
     @torch.no_grad()
     def visit(self, index: int, visitor: Visitor) -> None:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .absorbed import DEFAULT_ABSORB_MAX_QUERY, absorbed_attention, can_absorb
+
 
 @dataclass(frozen=True)
 class MLAGeometry:
@@ -98,6 +100,8 @@ class MLAAttention(nn.Module):
         ``[B, 1, S, d_rope]``.
     """
 
+    absorb_max_query: int = DEFAULT_ABSORB_MAX_QUERY  # cached forwards of at most this many tokens absorb
+
     def __init__(self, geometry: MLAGeometry, layer_idx: int, host_config: Any = None) -> None:
         super().__init__()
         g = geometry
@@ -131,6 +135,10 @@ class MLAAttention(nn.Module):
         self.register_buffer(
             "rope_index", rope_channel_index(g.source_head_dim, g.qk_rope_head_dim), persistent=False
         )
+        # Multiplied into the latent (rank reduction during training: zeros switch channels off with static
+        # shapes). Not persistent: checkpoints keep the DeepSeek-V3 tensor names only; the rank lives in the
+        # training callback's state, and `transmla_surgery.rank.truncate_rank` makes it physical.
+        self.register_buffer("latent_mask", torch.ones(g.kv_lora_rank), persistent=False)
 
     # ------------------------------------------------------------------ pieces
     def project_query(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -147,7 +155,7 @@ class MLAAttention(nn.Module):
         b, t, _ = hidden_states.shape
         kv = self.kv_a_proj_with_mqa(hidden_states)
         latent, k_rope = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
+        latent = self.kv_a_layernorm(latent) * self.latent_mask.to(latent.dtype)
         return latent.view(b, 1, t, self.kv_lora_rank), k_rope.view(b, 1, t, self.qk_rope_head_dim)
 
     def rope_cos_sin(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +198,9 @@ class MLAAttention(nn.Module):
 
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)
+            if can_absorb(self, t, attention_mask, kwargs):  # decode: attend on the latent cache directly
+                out = absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, cache)
+                return self.o_proj(out), None
 
         key, value = self.expand_latent(latent, k_rope)
         query = torch.cat([q_nope, q_rope], dim=-1)

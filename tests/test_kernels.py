@@ -1,0 +1,180 @@
+"""The Triton absorbed-decode kernel, run by Triton's CPU interpreter (``TRITON_INTERPRET=1``), against the
+float64 PyTorch reference. Small shapes; skipped when triton is not installed.
+
+The interpreter computes bfloat16 ``tl.dot`` wrongly (Triton 3.6), so bf16 is left to ``bench/decode.py`` on
+the GPU; float32 and float16 are checked here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Without a GPU the kernel runs in Triton's interpreter. Triton decorates its own library functions (tl.max,
+# tl.sum, ...) when it is first imported, compiled or interpreted by the variable at that moment; importing
+# transformers' models imports triton. If another test module did that first, this file's tests run in a
+# fresh child process instead (`test_kernels_in_a_fresh_interpreter`).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IN_PROCESS = DEVICE == "cuda" or "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+if DEVICE == "cpu" and IN_PROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="run in a child process by test_kernels_in_a_fresh_interpreter")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the kernel tests run in this process")
+def test_kernels_in_a_fresh_interpreter():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-x"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+from transmla_surgery.kernels import decode_attention_reference, set_decode_backend  # noqa: E402
+from transmla_surgery.kernels.mla_decode import KernelConfig, choose_num_splits, decode_attention_triton  # noqa: E402
+
+SMALL = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1)
+SMALL_T = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1, transposed=True)  # token-major variant
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _inputs(b, t, h, r, dr, s, dtype, seed=0):
+    """Random queries and one ``[B, S, r + d_rope]`` buffer whose two column ranges are the latent and rope key."""
+    g = torch.Generator().manual_seed(seed)
+    q_lat = torch.randn(b, t, h, r, generator=g).to(DEVICE, dtype)
+    q_rope = torch.randn(b, t, h, dr, generator=g).to(DEVICE, dtype)
+    buf = torch.randn(b, s, r + dr, generator=g).to(DEVICE, dtype)
+    return q_lat, q_rope, buf[..., :r], buf[..., r:], buf
+
+
+def _ref(q_lat, q_rope, lat, kr, scale, mask=None):
+    m = None if mask is None else (mask if mask.dtype == torch.bool else mask.double()).cpu()
+    args = (x.detach().cpu().double() for x in (q_lat, q_rope, lat, kr))
+    return decode_attention_reference(*args, scale, m)
+
+
+def _err(out, ref) -> float:
+    assert torch.isfinite(out).all(), "non-finite output (an element not written, or a poisoned value read)"
+    return float((out.cpu().double() - ref).norm() / ref.norm())
+
+
+@in_process
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_T], ids=["head_major", "token_major"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits", [1, 3, None])
+def test_single_token_no_mask(dtype, splits, cfg):
+    q_lat, q_rope, lat, kr, _ = _inputs(2, 1, 4, 32, 16, 45, dtype)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.15, num_splits=splits, config=cfg)
+    assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.15)) < TOL[dtype]
+
+
+@in_process
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_T], ids=["head_major", "token_major"])
+def test_several_tokens_causal_odd_sizes(cfg):
+    """T = 3 query tokens (causal, aligned at the end), 5 heads (15 rows: a partial head block), r = 24 and
+    d_rope = 8 (not powers of two: padded blocks with masked channels)."""
+    q_lat, q_rope, lat, kr, _ = _inputs(2, 3, 5, 24, 8, 37, torch.float32, seed=1)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.2, num_splits=2, config=cfg)
+    assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.2)) < 1e-5
+
+
+@in_process
+def test_many_heads_span_several_head_blocks():
+    q_lat, q_rope, lat, kr, _ = _inputs(1, 1, 20, 32, 16, 40, torch.float32, seed=2)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=2, config=SMALL)
+    assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.1)) < 1e-5
+
+
+@in_process
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_T], ids=["head_major", "token_major"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_padding_masks(kind, cfg):
+    """Left padding and holes, per batch row and query token; masks broadcast over heads."""
+    b, t, s = 3, 2, 41
+    q_lat, q_rope, lat, kr, _ = _inputs(b, t, 4, 32, 16, s, torch.float32, seed=3)
+    g = torch.Generator().manual_seed(4)
+    keep = torch.rand(b, t, s, generator=g) > 0.3
+    keep[0, :, :9] = False  # left padding
+    keep[..., -1] = True  # every row sees at least one key
+    mask = keep if kind == "bool" else torch.zeros(b, t, s).masked_fill(~keep, torch.finfo(torch.float32).min)
+    mask = mask.to(DEVICE)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, mask, num_splits=3, config=cfg)
+    assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.1, mask)) < 1e-5
+
+
+@in_process
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_T], ids=["head_major", "token_major"])
+def test_length_bound_never_reads_past_the_filled_part(cfg):
+    """A static cache: positions at and past each row's filled length hold NaN and are masked; the kernel,
+    bounded by the length tensor, must not read them (0 · NaN would poison the output)."""
+    b, s, filled = 2, 64, torch.tensor(37, device=DEVICE)
+    q_lat, q_rope, lat, kr, buf = _inputs(b, 1, 4, 32, 16, s, torch.float32, seed=5)
+    buf[:, 37:] = float("nan")
+    mask = torch.zeros(b, 1, s, dtype=torch.bool, device=DEVICE)
+    mask[:, :, :37] = True
+    mask[1, :, :5] = False
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, mask, filled, num_splits=4, config=cfg)
+    ref = _ref(q_lat, q_rope, lat[:, :37], kr[:, :37], 0.1, mask[..., :37])
+    assert _err(out, ref) < 1e-5
+
+
+@in_process
+def test_fully_masked_rows_give_zeros():
+    q_lat, q_rope, lat, kr, _ = _inputs(2, 1, 4, 32, 16, 20, torch.float32, seed=6)
+    mask = torch.ones(2, 1, 20, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, mask, num_splits=2, config=SMALL)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
+    assert _err(out[:1], _ref(q_lat[:1], q_rope[:1], lat[:1], kr[:1], 0.1)) < 1e-5
+
+
+@in_process
+def test_choose_num_splits_fills_the_machine():
+    # few programs: split the sequence; many: one split; never more splits than tiles
+    assert choose_num_splits(batch=1, head_blocks=1, seq_len=8192, block_n=32, slots=132) > 16
+    assert choose_num_splits(batch=264, head_blocks=1, seq_len=8192, block_n=32, slots=132) == 1
+    assert choose_num_splits(batch=1, head_blocks=1, seq_len=40, block_n=32, slots=132) <= 2
+
+
+@in_process
+def test_triton_backend_inside_a_converted_model():
+    """A decode step of a tiny converted model with the kernel (interpreted) equals the PyTorch path."""
+    import inspect
+
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    from conftest import calibration, rel_err, tiny_model
+    from transmla_surgery import MLAConfig, convert_to_mla
+    from transmla_surgery.kernels import mla_decode
+
+    model = tiny_model()
+    convert_to_mla(model, MLAConfig(kv_lora_rank=32, qk_rope_head_dim=8), calibration(1, 2, 16), progress=False)
+    model.to(DEVICE)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    cache_kw = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    logits = {}
+    old = mla_decode.DEFAULT_CONFIG
+    mla_decode.DEFAULT_CONFIG = SMALL
+    try:
+        for backend in ("torch", "triton"):
+            set_decode_backend(backend)
+            cache = DynamicCache()
+            with torch.no_grad():
+                model(input_ids=ids[:, :11], attention_mask=mask[:, :11], use_cache=True, **{cache_kw: cache})
+                step = model(input_ids=ids[:, 11:], attention_mask=mask, use_cache=True, **{cache_kw: cache})
+                logits[backend] = step.logits
+    finally:
+        set_decode_backend("auto")
+        mla_decode.DEFAULT_CONFIG = old
+    assert rel_err(logits["triton"], logits["torch"]) < 1e-5

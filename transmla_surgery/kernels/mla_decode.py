@@ -1,0 +1,463 @@
+"""Triton flash-decoding kernel for absorbed MLA: multi-query attention over the latent cache.
+
+Same contract as `reference.decode_attention_reference` (shapes there): ``T·H`` query rows of width
+``r + d_rope`` attend over one shared KV stream whose key is ``[c_s ; k_rope,s]`` and whose value is ``c_s``.
+
+Two launches:
+1. ``_stage1_fn``: grid ``(head blocks, splits, batch)``. Each program takes ``BLOCK_H`` query rows (all heads of a
+   token when ``H <= BLOCK_H``, so each cached token is read once for all heads) and one contiguous split of the
+   cached sequence, runs an online softmax over ``BLOCK_N``-token tiles (two tensor-core products per tile:
+   scores ``q · [c; k_rope]ᵀ`` and output ``p · c``, the value tile being the key tile already loaded) and writes
+   a normalised partial output (float32) and its log-sum-exp (base 2). ``_stage1_t_fn`` computes the same
+   transposed (token-major products), which lets Triton use Hopper's warpgroup MMA (`KernelConfig.transposed`).
+2. ``_stage2_fn``: grid ``(rows, batch)``: merges the splits by their log-sum-exps.
+
+The number of splits is chosen so that ``batch × head blocks × splits`` programs fill the GPU's multiprocessors
+in whole waves (`choose_num_splits`). Masks: none (causal, aligned at the end, as the reference), bool
+(True = attend, read as bytes) or additive float, each ``[B or 1, T, S]`` with any strides. An optional
+per-batch (or scalar) length tensor bounds the tokens read (a static cache's filled length: positions past it
+are masked anyway), without a host sync, so the launch can be captured in a CUDA graph. A row whose every key
+is masked gets zeros (the reference averages there; such rows are padding and never read).
+
+Triton's ``@jit`` decides between compiling and interpreting (``TRITON_INTERPRET=1``) when it decorates, so the
+kernels are decorated lazily, once per mode.
+"""
+
+from __future__ import annotations  # also keeps the `tl.constexpr` annotations lazy when triton is absent
+
+import math
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import torch
+
+try:  # Triton is optional: the PyTorch reference is the fallback
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+_OUT_OF_RESOURCES = getattr(getattr(getattr(triton, "runtime", None), "errors", None), "OutOfResources", RuntimeError)
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of stage 1. ``ctas_per_sm`` is the occupancy assumed when choosing the split count."""
+
+    block_n: int = 64  # cached tokens per tile
+    block_h: int = 32  # query rows (heads × query tokens) per program
+    # With 4 warps ptxas (sm_90a) spills a little of the [32, 512] float32 accumulator (~160 bytes of stack);
+    # 8 warps do not spill, yet measured 10-25% slower on the H200.
+    num_warps: int = 4
+    num_stages: int = 2
+    ctas_per_sm: int = 1
+    transposed: bool = False  # `_stage1_t_fn` (token-major products, for Hopper's warpgroup MMA)
+
+
+# Default launch parameters, from `bench/decode.py` on an H200 (bench/results/decode.md): head-major, 64-token
+# tiles, 4 warps, 2 stages. Alone, the token-major variant with the same tiles was up to 13% faster
+# (3.02 against 2.67 TB/s at batch 64 × 32K), but inside the whole model it was not: the Llama-2-7B-shaped
+# model decoded 9% slower with it (8K: 31.8 against 29.1 ms per step), the Llama-3-8B-shaped one 1% faster.
+DEFAULT_CONFIG = KernelConfig()
+# Small tiles that fit any supported GPU: the fallback when a launch runs out of shared memory or registers.
+SAFE_CONFIG = KernelConfig(block_n=16, num_warps=4, num_stages=2)
+
+
+def _stage1_fn(
+    Q, C, KR, Mask, Len, O_part, Lse,
+    stride_qb, stride_qm,
+    stride_cb, stride_cs,
+    stride_rb, stride_rs,
+    stride_mb, stride_mt, stride_ms,
+    stride_lb,
+    stride_ob, stride_om, stride_os,
+    stride_lseb, stride_lsem,
+    S, T, H, M, split_len, sm_scale_log2,
+    DL: tl.constexpr, DR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LEN: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = rows < M
+    t_row = rows // H  # query token of each row (rows are ordered token-major, head-minor)
+    dl = tl.arange(0, BLOCK_DL)
+    dr = tl.arange(0, BLOCK_DR)
+    dl_ok = dl < DL
+    dr_ok = dr < DR
+
+    q_base = Q + b * stride_qb + rows[:, None] * stride_qm
+    q_l = tl.load(q_base + dl[None, :], mask=row_ok[:, None] & dl_ok[None, :], other=0.0)
+    q_r = tl.load(q_base + DL + dr[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0)
+
+    kv_len = S
+    if HAS_LEN:
+        kv_len = tl.minimum(tl.load(Len + b * stride_lb).to(tl.int32), S)
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, kv_len)
+    # causal limit of each row without a mask: row of token t sees s < kv_len - T + t + 1
+    row_limit = kv_len - T + t_row + 1
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DL], tl.float32)
+    c_base = C + b * stride_cb
+    r_base = KR + b * stride_rb
+    for s0 in range(start, end, BLOCK_N):
+        offs = s0 + tl.arange(0, BLOCK_N)
+        s_ok = offs < end
+        c = tl.load(c_base + offs[:, None] * stride_cs + dl[None, :], mask=s_ok[:, None] & dl_ok[None, :], other=0.0)
+        kr = tl.load(r_base + offs[:, None] * stride_rs + dr[None, :], mask=s_ok[:, None] & dr_ok[None, :], other=0.0)
+        if IEEE:
+            qk = tl.dot(q_l, tl.trans(c), input_precision="ieee")
+            qk = tl.dot(q_r, tl.trans(kr), acc=qk, input_precision="ieee")
+        else:
+            qk = tl.dot(q_l, tl.trans(c))
+            qk = tl.dot(q_r, tl.trans(kr), acc=qk)
+        qk = qk * sm_scale_log2
+        valid = s_ok[None, :] & row_ok[:, None]
+        if MASK_MODE == 0:
+            valid = valid & (offs[None, :] < row_limit[:, None])
+        elif MASK_MODE == 1:
+            mv = tl.load(
+                Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
+                mask=row_ok[:, None] & s_ok[None, :], other=0,
+            )
+            valid = valid & (mv != 0)
+        else:
+            bias = tl.load(
+                Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
+                mask=row_ok[:, None] & s_ok[None, :], other=0.0,
+            )
+            # clamp first: the dtype's most negative value times log2(e) would overflow float32
+            qk = qk + tl.maximum(bias.to(tl.float32), -1.0e30) * 1.4426950408889634
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: keep exp2 finite
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None])
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    o_ptr = O_part + b * stride_ob + rows[:, None] * stride_om + pid_s * stride_os + dl[None, :]
+    tl.store(o_ptr, out, mask=row_ok[:, None] & dl_ok[None, :])
+    tl.store(Lse + b * stride_lseb + rows * stride_lsem + pid_s, lse, mask=row_ok)
+
+
+def _stage1_t_fn(
+    Q, C, KR, Mask, Len, O_part, Lse,
+    stride_qb, stride_qm,
+    stride_cb, stride_cs,
+    stride_rb, stride_rs,
+    stride_mb, stride_mt, stride_ms,
+    stride_lb,
+    stride_ob, stride_om, stride_os,
+    stride_lseb, stride_lsem,
+    S, T, H, M, split_len, sm_scale_log2,
+    DL: tl.constexpr, DR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LEN: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """`_stage1_fn` computed transposed: scores ``[BLOCK_N, heads] = [c; k_rope] · qᵀ`` and the output
+    ``[r, heads] = cᵀ · p``. Both products then have the long dimension (tokens, channels) as ``M``, which lets
+    Hopper's warpgroup MMA (M ≥ 64 per warpgroup) run them instead of the older per-warp MMA that a 32-row
+    (32 heads) ``M`` is limited to."""
+    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = rows < M
+    t_row = rows // H
+    dl = tl.arange(0, BLOCK_DL)
+    dr = tl.arange(0, BLOCK_DR)
+    dl_ok = dl < DL
+    dr_ok = dr < DR
+
+    q_base = Q + b * stride_qb + rows[None, :] * stride_qm
+    q_lt = tl.load(q_base + dl[:, None], mask=dl_ok[:, None] & row_ok[None, :], other=0.0)  # [BLOCK_DL, BLOCK_H]
+    q_rt = tl.load(q_base + DL + dr[:, None], mask=dr_ok[:, None] & row_ok[None, :], other=0.0)
+
+    kv_len = S
+    if HAS_LEN:
+        kv_len = tl.minimum(tl.load(Len + b * stride_lb).to(tl.int32), S)
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, kv_len)
+    row_limit = kv_len - T + t_row + 1
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_DL, BLOCK_H], tl.float32)
+    c_base = C + b * stride_cb
+    r_base = KR + b * stride_rb
+    for s0 in range(start, end, BLOCK_N):
+        offs = s0 + tl.arange(0, BLOCK_N)
+        s_ok = offs < end
+        c = tl.load(c_base + offs[:, None] * stride_cs + dl[None, :], mask=s_ok[:, None] & dl_ok[None, :], other=0.0)
+        kr = tl.load(r_base + offs[:, None] * stride_rs + dr[None, :], mask=s_ok[:, None] & dr_ok[None, :], other=0.0)
+        if IEEE:
+            qk = tl.dot(c, q_lt, input_precision="ieee")
+            qk = tl.dot(kr, q_rt, acc=qk, input_precision="ieee")
+        else:
+            qk = tl.dot(c, q_lt)
+            qk = tl.dot(kr, q_rt, acc=qk)
+        qk = qk * sm_scale_log2  # [BLOCK_N, BLOCK_H]
+        valid = s_ok[:, None] & row_ok[None, :]
+        if MASK_MODE == 0:
+            valid = valid & (offs[:, None] < row_limit[None, :])
+        elif MASK_MODE == 1:
+            mv = tl.load(
+                Mask + b * stride_mb + t_row[None, :] * stride_mt + offs[:, None] * stride_ms,
+                mask=s_ok[:, None] & row_ok[None, :], other=0,
+            )
+            valid = valid & (mv != 0)
+        else:
+            bias = tl.load(
+                Mask + b * stride_mb + t_row[None, :] * stride_mt + offs[:, None] * stride_ms,
+                mask=s_ok[:, None] & row_ok[None, :], other=0.0,
+            )
+            qk = qk + tl.maximum(bias.to(tl.float32), -1.0e30) * 1.4426950408889634
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        if IEEE:
+            acc = tl.dot(tl.trans(c), p.to(c.dtype), acc=acc * alpha[None, :], input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(c), p.to(c.dtype), acc=acc * alpha[None, :])
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[None, :]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    o_ptr = O_part + b * stride_ob + rows[None, :] * stride_om + pid_s * stride_os + dl[:, None]
+    tl.store(o_ptr, out, mask=dl_ok[:, None] & row_ok[None, :])
+    tl.store(Lse + b * stride_lseb + rows * stride_lsem + pid_s, lse, mask=row_ok)
+
+
+def _stage2_fn(
+    O_part, Lse, Out,
+    stride_ob, stride_om, stride_os,
+    stride_lseb, stride_lsem,
+    stride_outb, stride_outm,
+    NUM_SPLITS,
+    DL: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    m = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    sp = tl.arange(0, BLOCK_S)
+    lse = tl.load(Lse + b * stride_lseb + m * stride_lsem + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lse - mx_safe)
+    denom = tl.sum(w, 0)
+    dl = tl.arange(0, BLOCK_DL)
+    dl_ok = dl < DL
+    acc = tl.zeros([BLOCK_DL], tl.float32)
+    base = O_part + b * stride_ob + m * stride_om
+    for j in range(0, NUM_SPLITS):
+        lj = tl.load(Lse + b * stride_lseb + m * stride_lsem + j)
+        wj = tl.exp2(lj - mx_safe)
+        o = tl.load(base + j * stride_os + dl, mask=dl_ok, other=0.0)
+        acc += wj * o
+    out = acc / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(Out + b * stride_outb + m * stride_outm + dl, out.to(Out.dtype.element_ty), mask=dl_ok)
+
+
+@lru_cache(maxsize=2)
+def _kernels(interpret: bool):
+    """``(stage1, stage1 transposed, stage2)`` decorated for the current mode (compiled, or interpreted on the CPU)."""
+    del interpret  # part of the cache key only: `triton.jit` reads the mode itself
+    return triton.jit(_stage1_fn), triton.jit(_stage1_t_fn), triton.jit(_stage2_fn)
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
+
+
+def _patch_interpreter_for_numpy2() -> None:
+    """Triton's CPU interpreter (3.6 and earlier) turns a scalar into a Python int with ``int(array)`` on a
+    1-element array, which numpy >= 2.4 refuses; loops with run-time bounds then fail. Read the element instead."""
+    from triton.runtime import interpreter as ti
+
+    original = ti._patch_lang_tensor
+    if getattr(original, "_transmla_patched", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._transmla_patched = True
+    ti._patch_lang_tensor = patched
+
+
+@lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(
+    batch: int,
+    head_blocks: int,
+    seq_len: int,
+    block_n: int,
+    slots: int,
+    *,
+    block_rows: int = 32,
+    latent_dim: int = 512,
+    rope_dim: int = 64,
+    elem_bytes: int = 2,
+    max_splits: int = 64,
+) -> int:
+    """Split count minimising a simple time model, in units of one tile's read time.
+
+    ``P = batch · head_blocks · splits`` programs run ``slots`` at a time (multiprocessors × occupancy), each
+    walking ``ceil(tiles / splits)`` tiles: ``waves(P) · ceil(tiles / splits)``. Each program also writes a
+    float32 partial output that the merge reads back: ``P · merge / slots`` with ``merge`` the partial's bytes
+    (written and read) over one tile's bytes. At most one split per tile.
+    """
+    tiles = max(1, math.ceil(seq_len / block_n))
+    merge = (block_rows * latent_dim * 4 * 2) / (block_n * (latent_dim + rope_dim) * elem_bytes)
+    best, best_cost = 1, float("inf")
+    for splits in range(1, min(max_splits, tiles) + 1):
+        programs = batch * head_blocks * splits
+        cost = math.ceil(programs / slots) * math.ceil(tiles / splits) + programs * merge / slots
+        if cost < best_cost - 1e-9:
+            best, best_cost = splits, cost
+    return best
+
+
+def decode_attention_triton(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    kv_len: torch.Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Triton absorbed decode; shapes as `decode_attention_reference`, plus ``kv_len`` (int tensor ``[]``,
+    ``[1]`` or ``[B]``) bounding the tokens read. ``latent``/``k_rope`` may be strided views (last dim contiguous),
+    e.g. two column ranges of one ``[B, S, r + d_rope]`` buffer."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    cfg = config or DEFAULT_CONFIG
+    if latent.element_size() == 4 and cfg.block_n > 16:
+        # float32 tiles take twice the shared memory: keep them within the per-block limit
+        cfg = replace(cfg, block_n=16, num_stages=min(cfg.num_stages, 2))
+    b, t, h, r = q_lat.shape
+    dr = q_rope.shape[-1]
+    s = latent.shape[1]
+    m_rows = t * h
+    if latent.stride(-1) != 1 or k_rope.stride(-1) != 1:
+        raise ValueError("latent and k_rope must be contiguous in their last dimension")
+    dtype = latent.dtype
+    # one query row = [q_lat ; q_rope], contiguous, in the cache's dtype (tensor-core operands must match)
+    q = torch.cat([q_lat.reshape(b, m_rows, r), q_rope.reshape(b, m_rows, dr)], dim=-1).to(dtype)
+
+    block_h = max(16, min(cfg.block_h, triton.next_power_of_2(m_rows)))
+    head_blocks = triton.cdiv(m_rows, block_h)
+    if num_splits is None:
+        slots = (_sm_count(latent.device.index or 0) if latent.is_cuda else 132) * cfg.ctas_per_sm
+        num_splits = choose_num_splits(
+            b, head_blocks, s, cfg.block_n, slots, block_rows=block_h, latent_dim=r, rope_dim=dr,
+            elem_bytes=latent.element_size(),
+        )
+    split_len = triton.cdiv(triton.cdiv(s, num_splits), cfg.block_n) * cfg.block_n
+    num_splits = max(1, triton.cdiv(s, split_len))
+
+    o_part = torch.empty(b, m_rows, num_splits, r, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b, m_rows, num_splits, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, m_rows, r, device=q.device, dtype=dtype)
+
+    if mask is None:
+        mask_mode, mask_t, mstr = 0, q, (0, 0, 0)
+    else:
+        mask = mask[..., :s]
+        if mask.dtype == torch.bool:
+            mask_mode, mask_t = 1, mask.view(torch.uint8)
+        else:
+            mask_mode, mask_t = 2, mask
+        mstr = (mask_t.stride(0) if mask_t.shape[0] > 1 else 0, mask_t.stride(1) if mask_t.shape[1] > 1 else 0, mask_t.stride(2))
+    if kv_len is None:
+        len_t, len_stride, has_len = q, 0, False
+    else:
+        len_t = kv_len.reshape(-1)
+        len_stride, has_len = (1 if len_t.numel() > 1 else 0), True
+
+    interpret = _interpreting()
+    if interpret:
+        _patch_interpreter_for_numpy2()
+    stage1, stage1_t, stage2 = _kernels(interpret)
+    kernel = stage1_t if cfg.transposed else stage1
+    try:
+        kernel[(head_blocks, num_splits, b)](
+            q, latent, k_rope, mask_t, len_t, o_part, lse,
+            q.stride(0), q.stride(1),
+            latent.stride(0), latent.stride(1),
+            k_rope.stride(0), k_rope.stride(1),
+            *mstr,
+            len_stride,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2),
+            lse.stride(0), lse.stride(1),
+            s, t, h, m_rows, split_len, scale * LOG2E,
+            DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
+            BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
+            IEEE=dtype == torch.float32,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    except _OUT_OF_RESOURCES:
+        if cfg == SAFE_CONFIG:
+            raise
+        # a configuration too large for this GPU's shared memory or registers: the small one always fits
+        return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len, config=SAFE_CONFIG)
+    stage2[(m_rows, b)](
+        o_part, lse, out,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        num_splits,
+        DL=r, BLOCK_DL=triton.next_power_of_2(r), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=4,
+    )
+    return out.view(b, t, h, r)
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+# Under torch.compile the launch goes through an opaque custom op: dynamo then neither traces into Triton's
+# launcher nor graph-breaks, and inductor's CUDA graphs capture the two launches as they are.
+_OP_SCHEMA = "(Tensor q_lat, Tensor q_rope, Tensor latent, Tensor k_rope, float scale, Tensor? mask, Tensor? kv_len) -> Tensor"
+mla_decode_op = None
+if triton is not None and hasattr(torch.library, "custom_op"):
+
+    def _op_impl(q_lat, q_rope, latent, k_rope, scale, mask, kv_len):
+        return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len)
+
+    mla_decode_op = torch.library.custom_op("transmla::mla_decode", _op_impl, mutates_args=(), schema=_OP_SCHEMA)
+
+    def _op_fake(q_lat, q_rope, latent, k_rope, scale, mask, kv_len):
+        return q_lat.new_empty(q_lat.shape, dtype=latent.dtype)
+
+    mla_decode_op.register_fake(_op_fake)
