@@ -34,14 +34,17 @@ WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wik
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # (name, rope dim, latent rank)
-COMPRESSIONS = [("50%", 32, 160), ("75%", 32, 64), ("87.5%", 16, 32)]
-# (variant name, MLAConfig overrides): the reference's recipe first, then one idea at a time, then the default.
+COMPRESSIONS = [("75%", 32, 64), ("50%", 32, 160), ("87.5%", 16, 32)]
+# Cumulative ablation: the reference's recipe first, then one idea at a time; the last row is the default.
+REFERENCE = dict(calibration_inputs="original", subspace="variance", key_weight=1.0, refit_output=False)
 VARIANTS = [
-    ("reference (original inputs, key-variance PCA)", dict(calibration_inputs="original", subspace="variance")),
-    ("+ converted-layer calibration", dict(calibration_inputs="converted", subspace="variance")),
-    ("+ attention-output subspace (default)", dict(calibration_inputs="converted", subspace="attention")),
-    ("attention subspace, original inputs", dict(calibration_inputs="original", subspace="attention")),
+    ("reference recipe (original inputs, key/value-variance PCA)", REFERENCE),
+    ("+ calibration on converted layers", {**REFERENCE, "calibration_inputs": "converted"}),
+    ("+ attention-output subspace", {**REFERENCE, "calibration_inputs": "converted", "subspace": "attention"}),
+    ("+ key_weight 0.5", {**REFERENCE, "calibration_inputs": "converted", "subspace": "attention", "key_weight": 0.5}),
+    ("+ o_proj least-squares refit (default)", {}),
 ]
+FULL_ABLATION = "75%"  # every variant here; the reference and the default elsewhere
 
 
 class PeakRSS:
@@ -76,7 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--calib-seqs", type=int, default=64)
-    parser.add_argument("--variants", default="all", help="comma-separated indices into VARIANTS, or 'all'")
+    parser.add_argument("--variants", default="all", help="comma-separated indices into VARIANTS, or 'all' (the "
+                        "full ablation at 75%%, reference and default elsewhere)")
     parser.add_argument("--compressions", default="all", help="comma-separated names (50%%,75%%,87.5%%) or 'all'")
     parser.add_argument("--folds", default="", help="extra freqfold values to measure with the default variant")
     parser.add_argument("--out", default=str(RESULTS / "quality_smollm2"))
@@ -107,10 +111,16 @@ def main() -> None:
     record({"compression": "0%", "variant": "original", "kv_per_token_per_layer": 384, "perplexity": original,
             "eval_seconds": time.perf_counter() - t0})
 
-    chosen = [int(i) for i in args.variants.split(",")] if args.variants != "all" else range(len(VARIANTS))
     comps = [c for c in COMPRESSIONS if args.compressions == "all" or c[0] in args.compressions.split(",")]
+    partial_done: set[int] = set()
     for name, rope, rank in comps:
-        runs = [("partial-RoPE only (full rank)", dict(calibration_inputs="converted", subspace="attention"), 384 - rope, None)]
+        chosen = range(len(VARIANTS)) if name == FULL_ABLATION else (0, len(VARIANTS) - 1)
+        if args.variants != "all":
+            chosen = [int(i) for i in args.variants.split(",")]
+        runs = []
+        if rope not in partial_done:  # partial RoPE alone depends on the rope dim only
+            runs.append(("partial-RoPE only (full rank, defaults)", {}, 384 - rope, None))
+            partial_done.add(rope)
         runs += [(VARIANTS[i][0], VARIANTS[i][1], rank, None) for i in chosen]
         runs += [(f"default, freqfold={f}", dict(), rank, int(f)) for f in args.folds.split(",") if f]
         for variant, overrides, r, fold in runs:

@@ -1,0 +1,199 @@
+"""Conversion at scale: layer-streaming conversion of a safetensors directory against whole-model conversion.
+
+Builds a random-weight model of the given shape (default: Llama-3-8B, GQA-8, bf16), saves it as sharded
+safetensors, then measures on one device:
+
+* streaming: ``convert_checkpoint(src, out, ...)`` — one decoder layer on the device at a time;
+* whole model: load everything onto the device and ``convert_to_mla(..., keep_activations=True)``.
+
+For each: wall time, peak device memory (``torch.cuda.max_memory_allocated``), peak host RSS (sampled), and
+the per-layer cost, from which the 70B figures are projected (80 layers, hidden 8192, 64 heads, 8 KV heads).
+Writes ``bench/results/convert_scale.json`` and prints a table last.
+
+    python bench/convert_scale.py --out bench/results            # GPU
+    python bench/convert_scale.py --smoke --out /tmp/scale       # tiny shape on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from transmla_surgery import MLAConfig, convert_checkpoint, convert_to_mla
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0),
+    "smoke": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=16, vocab_size=512, rope_theta=10000.0),
+}
+
+
+class PeakRSS:
+    """Peak resident memory of this process, sampled every 10 ms."""
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._rss())
+
+
+def layer_bytes(shape: dict, dtype_bytes: int) -> int:
+    d, f, h, g, hd = (shape[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
+    return dtype_bytes * (d * h * hd * 2 + 2 * d * g * hd + 3 * d * f + 2 * d)
+
+
+def build_checkpoint(shape: dict, path: Path, dtype: torch.dtype, device: str) -> int:
+    """Random-weight model of ``shape`` saved as sharded safetensors (built layer by layer on ``device``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, max_position_embeddings=8192, tie_word_embeddings=False)
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+    model.to(dtype).save_pretrained(path, max_shard_size="2GB")
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama3-8b", choices=[k for k in SHAPES if k != "llama3-70b"])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--calib-seqs", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--work", default="/tmp/convert_scale")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--skip-whole", action="store_true")
+    args = parser.parse_args()
+    shape_name = "smoke" if args.smoke else args.shape
+    shape = SHAPES[shape_name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rank, rope = (512, 64) if shape["head_dim"] == 128 else (32, 8)
+    config = MLAConfig(kv_lora_rank=rank, qk_rope_head_dim=rope)
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, shape["vocab_size"], (8, args.seq_len), generator=gen) for _ in range(args.calib_seqs // 8)]
+    calib_tokens = args.calib_seqs * args.seq_len
+
+    t0 = time.perf_counter()
+    ckpt_bytes = build_checkpoint(shape, work / "src", dtype, device)
+    build_s = time.perf_counter() - t0
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "shape": shape_name, "dtype": str(dtype), "checkpoint_bytes": ckpt_bytes,
+        "config": {"kv_lora_rank": rank, "qk_rope_head_dim": rope},
+        "calibration_tokens": calib_tokens, "build_seconds": build_s,
+        "command": "python " + " ".join(sys.argv), "runs": {},
+    }
+    lb = layer_bytes(shape, 2 if dtype == torch.bfloat16 else 4)
+    buffer_bytes = calib_tokens * shape["hidden_size"] * (2 if dtype == torch.bfloat16 else 4)
+    results["one_layer_weight_bytes"] = lb
+    results["calibration_buffer_bytes"] = buffer_bytes
+
+    # ---- streaming
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        report = convert_checkpoint(work / "src", work / "out", config, calib, device=device, dtype=dtype, progress=False)
+        seconds = time.perf_counter() - t0
+    results["runs"]["streaming"] = {
+        "seconds": seconds, "per_layer_seconds": seconds / shape["num_hidden_layers"],
+        "peak_device_bytes": report.peak_memory_bytes if device == "cuda" else None,
+        "peak_host_rss_bytes": rss.peak,
+    }
+    shutil.rmtree(work / "out", ignore_errors=True)
+
+    # ---- whole model
+    if not args.skip_whole:
+        from transformers import AutoModelForCausalLM
+
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(work / "src", dtype=dtype, device_map=device if device == "cuda" else None)
+            load_s = time.perf_counter() - t0
+            convert_to_mla(model, config, calib, keep_activations=True, progress=False)
+            seconds = time.perf_counter() - t0
+        results["runs"]["whole_model"] = {
+            "seconds": seconds, "load_seconds": load_s,
+            "peak_device_bytes": int(torch.cuda.max_memory_allocated()) if device == "cuda" else None,
+            "peak_host_rss_bytes": rss.peak,
+        }
+        del model
+
+    # ---- 70B projection from measured per-layer costs
+    big = SHAPES["llama3-70b"]
+    s = results["runs"]["streaming"]
+    scale_layer = layer_bytes(big, 2) / layer_bytes(shape, 2)
+    results["projection_70b"] = {
+        "assumption": "per-layer time scales with layer bytes (weight reads and hidden-size-squared statistics); "
+        "device memory = one 70B layer + calibration buffer at hidden 8192 + the measured non-weight overhead",
+        "one_layer_weight_bytes": layer_bytes(big, 2),
+        "seconds": s["per_layer_seconds"] * scale_layer * big["num_hidden_layers"],
+        "peak_device_bytes": None if s["peak_device_bytes"] is None else int(
+            layer_bytes(big, 2) * 2 + calib_tokens * big["hidden_size"] * 2
+            + (s["peak_device_bytes"] - 2 * lb - buffer_bytes) * (big["hidden_size"] / shape["hidden_size"]) ** 2
+        ),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "convert_scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    gib = 2**30
+    print(f"\n{results['device']}  shape={shape_name}  checkpoint {ckpt_bytes / gib:.1f} GiB  one layer {lb / gib:.2f} GiB  "
+          f"calibration buffer {buffer_bytes / gib:.2f} GiB")
+    print(f"{'run':<12}{'seconds':>10}{'peak device GiB':>18}{'peak host GiB':>16}")
+    for name, r in results["runs"].items():
+        dev = "-" if r["peak_device_bytes"] is None else f"{r['peak_device_bytes'] / gib:.2f}"
+        print(f"{name:<12}{r['seconds']:>10.1f}{dev:>18}{r['peak_host_rss_bytes'] / gib:>16.2f}")
+    p = results["projection_70b"]
+    dev = "-" if p["peak_device_bytes"] is None else f"{p['peak_device_bytes'] / gib:.2f}"
+    print(f"{'70B (proj.)':<12}{p['seconds']:>10.1f}{dev:>18}")
+
+if __name__ == "__main__":
+    main()
