@@ -9,6 +9,7 @@ User errors (missing file, bad field, rank out of range) print one line and exit
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--stream-only", action="store_true",
                    help="keep no activations (memory independent of calibration size; slower, quadratic in depth)")
-    p.add_argument("--output", default=None, help="save the converted model here (save_pretrained)")
+    p.add_argument("--output", default=None, help="save the converted model here (save_pretrained), with its report and plot")
+    p.add_argument("--plot", default=None, help="write the per-layer energy plot (PNG) here")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_convert)
@@ -98,7 +100,14 @@ def _convert(args: argparse.Namespace) -> int:
     if args.output:
         model.save_pretrained(args.output)
         tokenizer.save_pretrained(args.output)
+        (Path(args.output) / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
         console.print(f"saved converted model to {args.output}")
+    plot = args.plot or (str(Path(args.output) / "conversion.png") if args.output else None)
+    if plot:
+        try:
+            console.print(f"per-layer energy plot: {report.save_plot(plot)}")
+        except ImportError:
+            console.print("matplotlib is not installed: no plot (pip install 'transmla-surgery[plots]')")
     return 0
 
 

@@ -13,7 +13,7 @@ class LayerReport:
     layer: int
     rope_energy: float  # fraction of key energy kept by the rope channels after RoRoPE/FreqFold
     latent_energy: float  # fraction of (metric-weighted) [k_nope/α ; v] energy kept by the latent
-    alpha: float  # BKV balance factor rms(k_nope)/rms(v)
+    alpha: float  # divisor of k_nope in the joint PCA: BKV's rms(k_nope)/rms(v), over sqrt(key_weight)
     kv_before: int  # cached values per token in this layer, source: 2·G·d
     kv_after: int  # cached values per token in this layer, MLA: r_kv + d_rope
     calibration_tokens: int
@@ -50,6 +50,32 @@ class ConversionReport:
             "seconds": self.seconds,
             "peak_memory_bytes": self.peak_memory_bytes,
         }
+
+    def save_plot(self, path: str) -> str:
+        """Per-layer energy kept (rope channels, latent) and the K/V balance as a PNG (needs matplotlib)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        layers = [r.layer for r in self.layers]
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+        ax1.plot(layers, [r.rope_energy for r in self.layers], "o-", label="key energy in rope channels")
+        ax1.plot(layers, [r.latent_energy for r in self.layers], "s-", label="energy kept by the latent")
+        ax1.set_ylim(0, 1.02)
+        ax1.set_ylabel("fraction kept")
+        ax1.legend(loc="lower right")
+        ax1.set_title(f"GQA → MLA: {self.kv_before} → {self.kv_after} KV values/token ({self.compression:.1%} smaller)")
+        ax2.plot(layers, [r.alpha for r in self.layers], "^-", color="tab:green")
+        ax2.set_ylabel("K/V balance α")
+        ax2.set_xlabel("layer")
+        from matplotlib.ticker import MaxNLocator
+
+        ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
 
     def __rich__(self) -> Table:
         table = Table(title=f"GQA → MLA conversion ({self.compression:.1%} smaller KV cache)")
