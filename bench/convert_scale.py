@@ -22,12 +22,12 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
+from memory import PeakRSS
 from transmla_surgery import MLAConfig, convert_checkpoint, convert_to_mla
 
 SHAPES = {
@@ -38,30 +38,6 @@ SHAPES = {
     "smoke": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=2, head_dim=16, vocab_size=512, rope_theta=10000.0),
 }
-
-
-class PeakRSS:
-    """Peak resident memory of this process, sampled every 10 ms."""
-
-    def __enter__(self):
-        self.peak = self._rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self._rss())
 
 
 def layer_bytes(shape: dict, dtype_bytes: int) -> int:

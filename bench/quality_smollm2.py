@@ -20,12 +20,12 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
+from memory import PeakRSS
 from transmla_surgery import MLAConfig, convert_to_mla
 from transmla_surgery.data import batched, perplexity, tokenize, windows
 from transmla_surgery.models import load_model
@@ -45,34 +45,6 @@ VARIANTS = [
     ("+ o_proj least-squares refit (default)", {}),
 ]
 FULL_ABLATION = "75%"  # every variant here; the reference and the default elsewhere
-
-
-class PeakRSS:
-    """Samples the process's resident memory every 20 ms; reports the peak above the level at entry."""
-
-    def __enter__(self) -> "PeakRSS":
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._rss())
-
-    @property
-    def extra_bytes(self) -> int:
-        return self.peak - self.base
 
 
 def main() -> None:
