@@ -1,7 +1,14 @@
 """transmla-surgery: convert a Hugging Face GQA model's attention to DeepSeek-style MLA, in place."""
 
 from .config import MLAConfig
-from .errors import CalibrationError, ConfigError, ConversionError, TransMLAError, UnsupportedModelError
+from .errors import (
+    CalibrationError,
+    CheckpointError,
+    ConfigError,
+    ConversionError,
+    TransMLAError,
+    UnsupportedModelError,
+)
 from .mla_attention import MLAAttention, MLAGeometry
 from .report import ConversionReport
 from .surgery import convert_to_mla
@@ -23,6 +30,7 @@ __all__ = [
     "UnsupportedModelError",
     "CalibrationError",
     "ConversionError",
+    "CheckpointError",
     "export_deepseek",
     "load_exported",
     "load_converted",

@@ -21,3 +21,8 @@ class CalibrationError(TransMLAError, ValueError):
 
 class ConversionError(TransMLAError, RuntimeError):
     """A failure part-way through a conversion; the model has been restored to its original state."""
+
+
+class CheckpointError(TransMLAError, ValueError):
+    """A checkpoint directory whose weights are missing, truncated, corrupt or do not fit its config; the message
+    names the file. Nothing was loaded (no half-loaded model is returned)."""

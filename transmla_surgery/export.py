@@ -301,8 +301,11 @@ def _source_eps(model: nn.Module) -> float:
 def _resolve_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype is None:
         dtype = model.get_input_embeddings().weight.dtype
+    given = dtype
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"dtype {given!r} is not a torch dtype; allowed: {', '.join(EXPORT_DTYPES.values())}")
     if dtype == torch.float16:
         raise ConfigError(
             "dtype float16 is not supported: the linearised latent norm scales latents to ~1e-10, below float16's "
@@ -918,7 +921,8 @@ def _load_stock(directory: Path, dtype: torch.dtype, config_file: Path | None = 
     """Load through the stock Auto class (no remote code), insisting that every tensor was used and none missing."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
+    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True, "use_safetensors": True,
+                              "trust_remote_code": False}
     if config_file is not None:
         kwargs["config"] = AutoConfig.from_pretrained(str(config_file))
     model, info = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
@@ -947,6 +951,23 @@ def verification_checks(dtype: torch.dtype) -> list[tuple[str, torch.dtype, floa
     return [weights, ("bfloat16 compute", torch.bfloat16, BF16_COMPUTE_GUARD)]
 
 
+def check_tokenizer(tokenizer: Any, model: nn.Module) -> None:
+    """Refuse a tokenizer that cannot belong to ``model``: one that produces ids beyond the embedding table
+    (``len(tokenizer) > vocab_size``). A smaller tokenizer is normal (embedding tables are often padded)."""
+    if tokenizer is None:
+        return
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = getattr(tokenizer, "vocab_size", None)
+    if vocab is not None and size is not None and int(size) > int(vocab):
+        raise ConfigError(
+            f"the tokenizer has {size} tokens but the model's vocab_size is {vocab}: ids >= {vocab} would index past "
+            "the embedding table; is it the tokenizer of another model?"
+        )
+
+
 # ============================================================================================== placement
 def _looks_like_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file()
@@ -971,12 +992,46 @@ def _sibling(path: Path, tag: str) -> Path:
     return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where the
+    system or file system cannot (then nothing was changed)."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _discard(old: Path) -> None:
+    """Delete a replaced export: its ``config.json`` first, so a deletion cut short never leaves a directory that
+    loads as a checkpoint."""
+    try:
+        (old / "config.json").unlink()
+    except OSError:
+        pass
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _place(tmp: Path, path: Path, overwrite: bool) -> None:
-    """Rename the verified ``tmp`` to ``path``. With an earlier export there, it is first renamed aside and only
-    deleted once the new one is in place (restored if the second rename fails)."""
+    """Rename the verified ``tmp`` to ``path``. An earlier export there is swapped out in one atomic step where
+    the system allows it (so ``path`` holds a complete export at every instant, whenever the process dies) and
+    only then deleted; elsewhere it is first renamed aside (restored if the second rename fails)."""
     _check_target(path, overwrite)  # again: something may have appeared while we worked
     if not path.exists():
         os.rename(tmp, path)
+        return
+    if _exchange(tmp, path):
+        _discard(tmp)  # tmp now holds the earlier export
         return
     old = _sibling(path, "old")
     os.rename(path, old)
@@ -985,7 +1040,7 @@ def _place(tmp: Path, path: Path, overwrite: bool) -> None:
     except BaseException:
         os.rename(old, path)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _discard(old)
 
 
 # ============================================================================================== entry points
@@ -1022,13 +1077,15 @@ def export_deepseek(
         An `ExportReport`.
 
     Raises:
-        ConfigError, UnsupportedModelError, FileExistsError: before anything is written.
+        ConfigError, UnsupportedModelError, FileExistsError: before anything is written (a ``ConfigError`` also
+            for a tokenizer with more tokens than the model's ``vocab_size``: it belongs to another model).
         ExportError: verification failed; ``path`` was left untouched and nothing was left beside it.
     """
     start = time.perf_counter()
     path = Path(path)
     _check_target(path, overwrite)
     plan = _plan(model, dtype, on_unsupported, biases)
+    check_tokenizer(tokenizer, model)
     state, folds, downs = export_state_dict(model, plan)
     cfg = deepseek_config(model, plan, folds)
     g = plan.geometry
@@ -1109,13 +1166,35 @@ def _bias_reference(
 
 def load_exported(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` after checking that ``path`` is a DeepSeek-V3
-    checkpoint (what `export_deepseek` writes); the stock class needs no remote code."""
+    checkpoint (what `export_deepseek` writes); the stock class needs no remote code.
+
+    Loads safetensors only and never remote code (``use_safetensors=True``, ``trust_remote_code=False``), so a
+    ``pytorch_model.bin`` beside or instead of the weights is never unpickled.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a local directory.
+        ConfigError: ``trust_remote_code=True`` or ``use_safetensors=False`` was asked for.
+        UnsupportedModelError: ``path`` is not a DeepSeek-V3 checkpoint.
+        CheckpointError (a ValueError): a weight file is missing, truncated or corrupt (names the file).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(path))
+    from .checkpoint import check_safetensors, safetensors_files
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory (load_exported reads a local export_deepseek directory)")
+    if kwargs.get("trust_remote_code") or kwargs.get("use_safetensors", True) is not True:
+        raise ConfigError(
+            "load_exported never runs code from a checkpoint nor unpickles weights: trust_remote_code=True and "
+            "use_safetensors=False are refused"
+        )
+    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
     if getattr(config, "model_type", None) != "deepseek_v3":
         raise UnsupportedModelError(
-            f"{path} is a {getattr(config, 'model_type', None)!r} checkpoint, not an export_deepseek checkpoint "
+            f"{directory} is a {getattr(config, 'model_type', None)!r} checkpoint, not an export_deepseek checkpoint "
             "(a converted model saved with save_pretrained loads with load_converted)"
         )
-    return AutoModelForCausalLM.from_pretrained(str(path), config=config, **kwargs)
+    check_safetensors(safetensors_files(directory))  # a truncated or corrupt file: CheckpointError naming it
+    kwargs.update(trust_remote_code=False, use_safetensors=True)
+    return AutoModelForCausalLM.from_pretrained(str(directory), config=config, **kwargs)

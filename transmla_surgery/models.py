@@ -35,7 +35,8 @@ def smollm2_gguf() -> Path:
 def load_model(source: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load ``(model, tokenizer)`` from a Hugging Face directory, a ``.gguf`` file, or the default (``None``).
 
-    Never executes code from the checkpoint (no ``trust_remote_code``); safetensors/GGUF only.
+    Never executes code from the checkpoint (no ``trust_remote_code``); safetensors/GGUF only. Raises
+    `ConfigError` if the tokenizer has more tokens than the model's ``vocab_size`` (a tokenizer of another model).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,12 +47,19 @@ def load_model(source: str | Path | None = None, *, dtype: torch.dtype = torch.f
         if path.suffix != ".gguf":
             raise UnsupportedModelError(f"{path.name}: a model file must be .gguf; otherwise give a model directory")
         kw = {"gguf_file": path.name}
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, trust_remote_code=False, **kw)
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, trust_remote_code=False, **kw)
         model = _without_gguf_quantization(model)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    from .errors import ConfigError
+    from .export import check_tokenizer
+
+    try:
+        check_tokenizer(tokenizer, model)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     return model.to(device).eval(), tokenizer
 
 

@@ -51,6 +51,13 @@ def mla_geometry(src: SourceAttention, config: MLAConfig) -> MLAGeometry:
 def _check_weights_finite(model: nn.Module) -> None:
     for i, layer in enumerate(decoder_layers(model)):
         for name, p in layer.self_attn.named_parameters():
+            if not p.dtype.is_floating_point:
+                raise UnsupportedModelError(
+                    f"layer {i} self_attn.{name} has dtype {p.dtype}: conversion needs floating-point weights "
+                    "(dequantise a quantised model first)"
+                )
+            if p.is_meta:
+                raise UnsupportedModelError(f"layer {i} self_attn.{name} is on the 'meta' device (no data); load the weights first")
             if not bool(torch.isfinite(p).all()):
                 raise UnsupportedModelError(f"layer {i} self_attn.{name} holds NaN or Inf; refusing to convert")
         norm = getattr(layer.input_layernorm, "weight", None)
@@ -317,12 +324,60 @@ def apply_mla_structure(model: nn.Module) -> nn.Module:
     info = getattr(model.config, CONFIG_KEY, None)
     if not info:
         raise UnsupportedModelError("model.config has no 'transmla' record: this is not a converted model")
-    geometry = MLAGeometry(**info["geometry"])
+    geometry = geometry_from_record(info, model.config)
     for i, layer in enumerate(decoder_layers(model)):
         old = layer.self_attn
         ref = next(old.parameters())
         layer.self_attn = build_mla_block(geometry, i, model.config, dtype=ref.dtype, device=ref.device)
     return model
+
+
+RECORD_FORMAT = 1  # format of the `transmla` record this library writes and reads
+
+
+def geometry_from_record(record: Any, host_config: Any = None) -> MLAGeometry:
+    """The `MLAGeometry` of a ``transmla`` config record, validated field by field (a hand-edited or damaged
+    ``config.json`` gets a `ConfigError` naming the field, not a ``KeyError`` or a wrongly shaped model)."""
+    from dataclasses import MISSING, fields
+
+    where = f"the '{CONFIG_KEY}' record"
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(record).__name__}")
+    fmt = record.get("format")
+    if fmt != RECORD_FORMAT:
+        raise ConfigError(f"{where} has format {fmt!r}; this library reads format {RECORD_FORMAT}")
+    data = record.get("geometry")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} lacks a 'geometry' object (got {type(data).__name__})")
+    spec = {f.name: f for f in fields(MLAGeometry)}
+    unknown = sorted(set(data) - set(spec))
+    missing = sorted(n for n, f in spec.items() if f.default is MISSING and n not in data)
+    if missing:
+        raise ConfigError(f"{where}: geometry lacks required field(s) {missing}")
+    if unknown:
+        raise ConfigError(f"{where}: geometry has unknown field(s) {unknown}; allowed: {sorted(spec)}")
+    for name, value in data.items():
+        if name in ("q_bias", "kv_bias", "o_bias", "latent_norm"):
+            ok = isinstance(value, bool)
+        elif name == "latent_norm_eps":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0
+        elif name == "q_lora_rank" and value is None:
+            ok = True
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if not ok:
+            raise ConfigError(f"{where}: geometry.{name} = {value!r} is not valid")
+    geometry = MLAGeometry(**data)
+    if geometry.qk_rope_head_dim % 2:
+        raise ConfigError(f"{where}: geometry.qk_rope_head_dim = {geometry.qk_rope_head_dim} must be even")
+    if host_config is not None:
+        for name, key in (("hidden_size", "hidden_size"), ("num_heads", "num_attention_heads")):
+            host = getattr(host_config, key, None)
+            if host is not None and host != getattr(geometry, name):
+                raise ConfigError(
+                    f"{where}: geometry.{name} = {getattr(geometry, name)} does not match the model's {key} = {host}"
+                )
+    return geometry
 
 
 def is_converted(model: nn.Module) -> bool:
