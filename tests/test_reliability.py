@@ -843,9 +843,7 @@ def unsafe_calls(directory: Path, root: Path = ROOT) -> list[str]:
     "package",
     [
         "transmla_surgery",
-        pytest.param("callbacks", marks=pytest.mark.xfail(
-            strict=True, reason="callbacks/export.py MLAExport._best_model: torch.load(ckpt, weights_only=False) "
-                                "(owned by the callbacks work; reported in docs/errors.md)")),
+        "callbacks",
     ],
 )
 def test_package_source_never_unpickles_or_runs_remote_code(package):

@@ -4,8 +4,8 @@
 layer's weights are read lazily from the safetensors shards onto the conversion device, converted, written to
 the output as their own shard, and dropped. What lives on the device at once is one layer (its source weights
 and the MLA block replacing it), the calibration hidden states at the current layer boundary, and the float64
-statistics of that layer, so device memory is bounded by one layer, not the model. Host memory holds one layer's
-output tensors while they are written.
+running sums of that layer, so device memory is bounded by one layer, not the model; the float64 factorisation
+itself and the embedding table stay on the CPU. Host memory holds one layer's tensors while they are written.
 
 The result is a converted checkpoint (``config.json`` with the ``transmla`` record, sharded safetensors, the
 tokenizer files) that `transmla_surgery.load_converted` loads and that is bit-identical to converting the whole
@@ -145,11 +145,12 @@ def convert_checkpoint(
     report = ConversionReport(config={**config.to_dict(), "freqfold": config.resolved_freqfold(src.head_dim)})
 
     # Layer-0 inputs from the embedding table alone, with the kwargs transformers would pass to each layer.
-    embed = ckpt.get("model.embed_tokens.weight", device, dtype)
+    # The embedding table stays on the CPU (it is the largest single tensor of many models).
+    embed = ckpt.get("model.embed_tokens.weight", "cpu", dtype)
     rotary = type(model.model.rotary_emb)(config=hf_config).to(device)
     hidden, masks, kwargs = [], [], []
     for ids, mask in batches:
-        h = nn.functional.embedding(ids.to(device), embed)
+        h = nn.functional.embedding(ids, embed).to(device)
         pos = torch.arange(ids.shape[1], device=device)[None]
         hidden.append(h)
         masks.append(mask)
@@ -171,7 +172,9 @@ def convert_checkpoint(
             for i, layer in enumerate(layers):
                 _materialize(layer, f"model.layers.{i}.", ckpt, device, dtype)
                 _check_weights_finite_layer(layer, i)
-                report.layers.append(convert_buffered_layer(i, layer, layer.self_attn, buffer, src, config, hf_config))
+                report.layers.append(
+                    convert_buffered_layer(i, layer, layer.self_attn, buffer, src, config, hf_config, math_device="cpu")
+                )
                 shard = f"model-layer-{i:05d}.safetensors"
                 tensors = {f"model.layers.{i}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
                 save_file(tensors, tmp / shard, metadata={"format": "pt"})

@@ -189,15 +189,21 @@ def convert_layer(
     src: SourceAttention,
     config: MLAConfig,
     host_config: Any,
+    math_device: torch.device | str | None = None,
 ) -> tuple[MLAAttention, LayerReport]:
     """Factorise one source attention block from its input statistics and build its `MLAAttention`
-    (refitting ``o_proj`` through ``visit`` when configured). The model itself is not touched."""
+    (refitting ``o_proj`` through ``visit`` when configured). The model itself is not touched.
+
+    ``math_device`` is where the float64 factorisation runs (default: the block's device); streaming conversion
+    puts it on the CPU so that the accelerator holds only the layer, its activations and running sums.
+    """
     weight = original.q_proj.weight
+    math_device = weight.device if math_device is None else torch.device(math_device)
     geometry = mla_geometry(src, config)
     weights = factorize_layer(
-        acc.second_moment(),
+        acc.second_moment().to(math_device),
         src,
-        source_weights(original, weight.device),
+        source_weights(original, math_device),
         kv_lora_rank=config.kv_lora_rank,
         rope_dim=config.qk_rope_head_dim,
         fold=config.resolved_freqfold(src.head_dim),
@@ -232,6 +238,7 @@ def convert_buffered_layer(
     src: SourceAttention,
     config: MLAConfig,
     host_config: Any,
+    math_device: torch.device | str | None = None,
 ) -> LayerReport:
     """Convert one decoder layer from buffered hidden states, swap the block in, and advance the buffer."""
     last = index + 1 == len(buffer.layers)
@@ -242,7 +249,7 @@ def convert_buffered_layer(
         visit = lambda fn: buffer.visit_with_reference(index, original, fn)  # noqa: E731
     else:
         visit = lambda fn: buffer.visit(index, fn)  # noqa: E731
-    layer.self_attn, row = convert_layer(index, original, acc, visit, src, config, host_config)
+    layer.self_attn, row = convert_layer(index, original, acc, visit, src, config, host_config, math_device)
     if config.calibration_inputs == "converted" and not last:
         buffer.advance(index, original)  # the next layer sees what this layer computes once converted
     return row
