@@ -21,7 +21,7 @@ from transmla_surgery.distill import Teacher, keep_teacher
 from transmla_surgery.errors import ConfigError, UnsupportedModelError
 from transmla_surgery.mla_attention import MLAAttention
 from transmla_surgery.report import ConversionReport
-from transmla_surgery.surgery import CONFIG_KEY, apply_mla_structure, convert_to_mla, is_converted, mla_geometry
+from transmla_surgery.surgery import apply_mla_structure, convert_to_mla, is_converted, record_conversion
 
 Trainable = Literal["all", "attention"]
 TeacherKind = Literal["auto", "swap", "copy", "none"]
@@ -64,10 +64,7 @@ def attention_parameter_names(model: nn.Module) -> set[str]:
 def _structure_only(model: nn.Module, config: MLAConfig) -> None:
     """Empty MLA blocks of ``config``'s geometry (weights come from a checkpoint), recorded as `convert_to_mla`
     records a conversion."""
-    src = check_supported(model)
-    geometry = mla_geometry(src, config)
-    record = {**config.to_dict(), "freqfold": config.resolved_freqfold(src.head_dim)}
-    setattr(model.config, CONFIG_KEY, {"format": 1, "mla_config": record, "geometry": geometry.to_dict()})
+    record_conversion(model.config, check_supported(model), config)
     modes = [layer.self_attn.training for layer in decoder_layers(model)]
     apply_mla_structure(model)
     for layer, mode in zip(decoder_layers(model), modes):  # as convert_to_mla does: the block keeps the mode

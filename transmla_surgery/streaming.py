@@ -33,7 +33,7 @@ from .calibration import LayerInputBuffer, materialize
 from .config import MLAConfig
 from .errors import ConfigError, UnsupportedModelError
 from .report import ConversionReport
-from .surgery import CONFIG_KEY, _progress, convert_buffered_layer, mla_geometry
+from .surgery import _progress, convert_buffered_layer, record_conversion, resolved_config
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
@@ -141,8 +141,7 @@ def convert_checkpoint(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    geometry = mla_geometry(src, config)
-    report = ConversionReport(config={**config.to_dict(), "freqfold": config.resolved_freqfold(src.head_dim)})
+    report = ConversionReport(config=resolved_config(src, config))
 
     # Layer-0 inputs from the embedding table alone, with the kwargs transformers would pass to each layer.
     # The embedding table stays on the CPU (it is the largest single tensor of many models).
@@ -195,7 +194,7 @@ def convert_checkpoint(
         for f in source.iterdir():  # tokenizer and generation files travel with the weights
             if f.is_file() and not f.name.startswith("model") and f.name != "config.json" and not f.name.endswith((".bin", ".pt", ".pth", ".safetensors")):
                 shutil.copy2(f, tmp / f.name)
-        setattr(hf_config, CONFIG_KEY, {"format": 1, "mla_config": report.config, "geometry": geometry.to_dict()})
+        record_conversion(hf_config, src, config)
         hf_config.dtype = dtype
         hf_config.save_pretrained(tmp)  # written last: a directory without it never loads as a checkpoint
         if output.exists():

@@ -29,6 +29,18 @@ from .report import ConversionReport, LayerReport
 CONFIG_KEY = "transmla"  # attribute of model.config recording the conversion (saved in config.json)
 
 
+def resolved_config(src: SourceAttention, config: MLAConfig) -> dict[str, Any]:
+    """The config as applied to this geometry (``freqfold`` resolved): what reports and records show."""
+    return {**config.to_dict(), "freqfold": config.resolved_freqfold(src.head_dim)}
+
+
+def record_conversion(host_config: Any, src: SourceAttention, config: MLAConfig) -> None:
+    """Write the ``transmla`` record (format, resolved config, block geometry) into a model config, so that
+    ``save_pretrained`` carries it and `load_converted` can rebuild the blocks."""
+    record = {"format": RECORD_FORMAT, "mla_config": resolved_config(src, config), "geometry": mla_geometry(src, config).to_dict()}
+    setattr(host_config, CONFIG_KEY, record)
+
+
 def mla_geometry(src: SourceAttention, config: MLAConfig) -> MLAGeometry:
     """The geometry of the MLA block that replaces a source block: ``d_nope = d_v = d``."""
     return MLAGeometry(
@@ -134,8 +146,7 @@ def convert_to_mla(
     layers = decoder_layers(model)
     originals = [layer.self_attn for layer in layers]
     device = originals[0].q_proj.weight.device
-    geometry = mla_geometry(src, config)
-    report = ConversionReport(config={**config.to_dict(), "freqfold": config.resolved_freqfold(src.head_dim)})
+    report = ConversionReport(config=resolved_config(src, config))
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -175,7 +186,7 @@ def convert_to_mla(
             "the model has been restored unchanged"
         ) from exc
 
-    setattr(model.config, CONFIG_KEY, {"format": 1, "mla_config": report.config, "geometry": geometry.to_dict()})
+    record_conversion(model.config, src, config)
     report.seconds = time.perf_counter() - start
     report.peak_memory_bytes = _peak_memory(device)
     return report
