@@ -62,6 +62,22 @@ def tiny_model(
     return model.to(dtype).eval()
 
 
+def fail_factorization_at(monkeypatch, fail_at: int) -> None:
+    """Make `surgery.factorize_layer` raise on its ``fail_at``-th call (0-based): a failure injected part-way."""
+    from transmla_surgery import surgery
+
+    calls = {"n": 0}
+    real = surgery.factorize_layer
+
+    def flaky(*args, **kwargs):
+        if calls["n"] == fail_at:
+            raise RuntimeError("injected failure")
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(surgery, "factorize_layer", flaky)
+
+
 def calibration(batches: int = 3, batch: int = 4, seq: int = 24, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(batches)]

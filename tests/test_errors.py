@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, calibration, tiny_model
+from conftest import VOCAB, calibration, fail_factorization_at, tiny_model
 from transmla_surgery import (
     CalibrationError,
     ConfigError,
@@ -14,7 +14,6 @@ from transmla_surgery import (
     UnsupportedModelError,
     convert_to_mla,
 )
-from transmla_surgery import surgery
 
 
 def snapshot(model):
@@ -167,16 +166,7 @@ def test_converting_twice_is_refused():
 def test_failure_at_any_layer_leaves_the_model_bit_for_bit_as_it_was(monkeypatch, fail_at, mode):
     model = tiny_model("llama", layers=3)
     snap = snapshot(model)
-    calls = {"n": 0}
-    real = surgery.factorize_layer
-
-    def flaky(*args, **kwargs):
-        if calls["n"] == fail_at:
-            raise RuntimeError("injected failure")
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(surgery, "factorize_layer", flaky)
+    fail_factorization_at(monkeypatch, fail_at)
     with pytest.raises(ConversionError, match=f"failed at layer {fail_at} .*injected failure.*restored unchanged"):
         convert_to_mla(model, MLAConfig(kv_lora_rank=8, qk_rope_head_dim=8, calibration_inputs=mode), calibration(),
                        progress=False)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import VOCAB, calibration, rel_err, tiny_model
+from conftest import VOCAB, calibration, fail_factorization_at, rel_err, tiny_model
 from transmla_surgery import (
     CalibrationError,
     ConfigError,
@@ -697,16 +697,7 @@ def test_failure_at_any_layer_with_keep_activations_leaves_the_model_as_it_was(m
     """test_errors.py covers keep_activations=False; this is the buffered path (the CLI's default)."""
     model = tiny_model("llama", layers=3).train()
     snap = snapshot(model)
-    calls = {"n": 0}
-    real = surgery.factorize_layer
-
-    def flaky(*args, **kwargs):
-        if calls["n"] == fail_at:
-            raise RuntimeError("injected failure")
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(surgery, "factorize_layer", flaky)
+    fail_factorization_at(monkeypatch, fail_at)
     with pytest.raises(ConversionError, match=f"failed at layer {fail_at} .*injected failure.*restored unchanged"):
         _convert(model, True, calibration_inputs=mode)
     assert_untouched(model, snap)
