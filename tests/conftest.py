@@ -78,6 +78,28 @@ def fail_factorization_at(monkeypatch, fail_at: int) -> None:
     monkeypatch.setattr(surgery, "factorize_layer", flaky)
 
 
+# One fork server serves every test module of a session (the first to start it sets what it preloads), so the
+# interruption tests (a child process killed with SIGKILL) share this one, complete list.
+FORKSERVER_PRELOAD = ["torch", "lightning.pytorch", "transformers", "transmla_surgery", "transmla_surgery.export",
+                      "transmla_surgery.callbacks", "transformers.models.llama.modeling_llama",
+                      "transformers.models.deepseek_v3.modeling_deepseek_v3", "conftest", "test_reliability_kill",
+                      "test_reliability_resume"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A forkserver multiprocessing context with the heavy imports preloaded, started before any measured run."""
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    warm = ctx.Process(target=time.sleep, args=(0,))
+    warm.start()
+    warm.join(300)
+    return ctx
+
+
 def calibration(batches: int = 3, batch: int = 4, seq: int = 24, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(batches)]

@@ -37,16 +37,6 @@ F32_TOL, BF16_TOL = 1e-4, 2e-2
 pytestmark = pytest.mark.filterwarnings("ignore:export_deepseek:UserWarning")  # asserted where they matter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread. On a shared 2-core machine, two OpenMP threads spinning against other processes
-    made these tests ~100x slower (a 2-layer conversion: 4.9 s vs 0.02 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------- models
 def build(family: str = "llama", *, eps: float = 1e-6, tie: bool = False, bias: bool = False,
           sliding_window: int | None = None, rope: tuple | None = None, heads: int = 4, kv_heads: int = 2,

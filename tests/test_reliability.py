@@ -43,15 +43,6 @@ CFG = MLAConfig(kv_lora_rank=8, qk_rope_head_dim=8)
 pytestmark = pytest.mark.filterwarnings("ignore:export_deepseek:UserWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 def _hooks(model) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())

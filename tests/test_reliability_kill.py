@@ -13,7 +13,6 @@ torch and transformers preloaded), so each kill costs a fork, not a fresh interp
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import shutil
@@ -111,24 +110,6 @@ def export_child(path: str, point: str | None, verify: bool, ready) -> None:
     export_deepseek(model, path, overwrite=True, verify=verify)
 
 
-# One fork server serves every test module of a session (the first to start it sets what it preloads), so both
-# interruption modules ask for the same, complete list.
-PRELOAD = ["torch", "lightning.pytorch", "transformers", "transmla_surgery", "transmla_surgery.export",
-           "transmla_surgery.callbacks", "transformers.models.llama.modeling_llama",
-           "transformers.models.deepseek_v3.modeling_deepseek_v3", "conftest", "test_reliability_kill",
-           "test_reliability_resume"]
-
-
-@pytest.fixture(scope="module")
-def server():
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    warm = ctx.Process(target=time.sleep, args=(0,))  # start the server now, not inside a measured run
-    warm.start()
-    warm.join(300)
-    return ctx
-
-
 @pytest.fixture(scope="module")
 def arena(tmp_path_factory):
     """A pristine earlier export, and the two reference models' logits."""
@@ -205,14 +186,6 @@ def run_child(server, path: Path, point: str | None = None, *, verify: bool = Tr
     receive.close()
     assert proc.exitcode in (0, -signal.SIGKILL), f"export child failed with exit code {proc.exitcode}"
     return proc.exitcode == -signal.SIGKILL, seconds
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------- step boundaries

@@ -12,7 +12,6 @@ one process; here the process dies without warning, possibly while writing a che
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import signal
@@ -107,24 +106,6 @@ def train(workdir: str, resume: bool, calibrate: bool, kill_at_step: int | None,
     state = rank_cb.state_dict()
     moments = [] if state["moments"] is None else state["moments"]["moments"]
     torch.save({"rank": state["rank"], "total": state["total"], "moments": moments}, work / "rank_state.pt")
-
-
-# One fork server serves every test module of a session (the first to start it sets what it preloads), so both
-# interruption modules ask for the same, complete list.
-PRELOAD = ["torch", "lightning.pytorch", "transformers", "transmla_surgery", "transmla_surgery.export",
-           "transmla_surgery.callbacks", "transformers.models.llama.modeling_llama",
-           "transformers.models.deepseek_v3.modeling_deepseek_v3", "conftest", "test_reliability_kill",
-           "test_reliability_resume"]
-
-
-@pytest.fixture(scope="module")
-def server():
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    warm = ctx.Process(target=time.sleep, args=(0,))
-    warm.start()
-    warm.join(300)
-    return ctx
 
 
 def run(server, work: Path, *, resume: bool = False, calibrate: bool = True, kill_at_step: int | None = None,
