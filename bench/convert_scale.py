@@ -8,7 +8,9 @@ safetensors, then measures on one device:
 
 For each: wall time, peak device memory (``torch.cuda.max_memory_allocated``), peak host RSS (sampled), and
 the per-layer cost, from which the 70B figures are projected (80 layers, hidden 8192, 64 heads, 8 KV heads).
-Writes ``bench/results/convert_scale.json`` and prints a table last.
+Streaming is checked against its bound, ``1.5 × one layer's weights + the calibration buffer`` (issue 8), with a
+per-phase breakdown of the device peak (weights loading, Gram, factorisation, o_proj refit, advance, the rest)
+next to what each phase holds by design. Writes ``bench/results/convert_scale.json`` and prints a table last.
 
     python bench/convert_scale.py --out bench/results            # GPU
     python bench/convert_scale.py --smoke --out /tmp/scale       # tiny shape on the CPU
@@ -22,6 +24,7 @@ import json
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -42,6 +45,90 @@ SHAPES = {
 def layer_bytes(shape: dict, dtype_bytes: int) -> int:
     d, f, h, g, hd = (shape[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
     return dtype_bytes * (d * h * hd * 2 + 2 * d * g * hd + 3 * d * f + 2 * d)
+
+
+def component_bytes(shape: dict, dtype_bytes: int, rank: int, rope: int, tokens: int) -> dict[str, int]:
+    """What streaming conversion keeps on the device, by design, in bytes (default config: converted inputs,
+    o_proj refit on the layer)."""
+    d, f, h, g, hd = (shape[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
+    return {
+        "source_attention": dtype_bytes * (2 * d * h * hd + 2 * d * g * hd),
+        "mla_attention": dtype_bytes * (d * h * (hd + rope) + d * (rank + rope) + rank * h * 2 * hd + h * hd * d),
+        "mlp": dtype_bytes * 3 * d * f,
+        "norms": dtype_bytes * 2 * d,
+        "calibration_buffer": dtype_bytes * tokens * d,
+        "gram_float64": 8 * (d + 1) ** 2,
+        "regression_float64": 8 * ((h * hd + 1) ** 2 + d * (h * hd + 1)),
+    }
+
+
+def resident_by_phase(c: dict[str, int]) -> dict[str, int]:
+    """Bytes each streaming phase holds by design (before transients: activations, float64 row chunks)."""
+    return {
+        "gram": c["source_attention"] + c["norms"] // 2 + c["calibration_buffer"] + c["gram_float64"],
+        "refit": c["source_attention"] + c["mla_attention"] + c["norms"] // 2 + c["calibration_buffer"] + c["regression_float64"],
+        "advance": c["mla_attention"] + c["mlp"] + c["norms"] + c["calibration_buffer"],
+    }
+
+
+class PhasePeaks:
+    """Peak device memory per phase of streaming conversion (CUDA).
+
+    Wraps the functions that make up the phases; at each phase boundary the peak counter is read (it holds the
+    peak since the previous boundary) and reset, so every byte of the run's peak is attributed to exactly one
+    phase, or to ``other`` (between phases: building the buffer, building the MLA block, writing shards), and the
+    run's overall peak is the largest reading.
+    """
+
+    def __init__(self) -> None:
+        from transmla_surgery import calibration, streaming, surgery
+
+        self.targets = {
+            "load_weights": (streaming, "_materialize_parts"),
+            "gram": (calibration.LayerInputBuffer, "attention_gram"),
+            "factorize": (surgery, "factorize_layer"),
+            "refit": (surgery, "refit_output_projection"),
+            "advance": (calibration.LayerInputBuffer, "advance"),
+        }
+        self.phases: dict[str, dict[str, int]] = {}
+        self._saved: dict[str, object] = {}
+
+    def _close(self, name: str, entry: int | None = None) -> None:
+        peak = int(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        rec = self.phases.setdefault(name, {"peak_bytes": 0, "max_entry_bytes": 0, "max_exit_bytes": 0, "calls": 0})
+        rec["peak_bytes"] = max(rec["peak_bytes"], peak)
+        rec["max_exit_bytes"] = max(rec["max_exit_bytes"], int(torch.cuda.memory_allocated()))
+        if entry is not None:
+            rec["max_entry_bytes"] = max(rec["max_entry_bytes"], entry)
+            rec["calls"] += 1
+
+    def _wrap(self, name: str, real):
+        def wrapped(*args, **kwargs):
+            self._close("other")
+            entry = int(torch.cuda.memory_allocated())
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self._close(name, entry)
+
+        return wrapped
+
+    def __enter__(self) -> "PhasePeaks":
+        torch.cuda.reset_peak_memory_stats()
+        for name, (owner, attr) in self.targets.items():
+            self._saved[name] = getattr(owner, attr)
+            setattr(owner, attr, self._wrap(name, self._saved[name]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, (owner, attr) in self.targets.items():
+            setattr(owner, attr, self._saved[name])
+        self._close("other")
+
+    @property
+    def peak(self) -> int:
+        return max(r["peak_bytes"] for r in self.phases.values())
 
 
 def build_checkpoint(shape: dict, path: Path, dtype: torch.dtype, device: str) -> int:
@@ -107,17 +194,30 @@ def main() -> None:
     results["one_layer_weight_bytes"] = lb
     results["calibration_buffer_bytes"] = buffer_bytes
 
-    # ---- streaming
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss:
+    dtype_bytes = 2 if dtype == torch.bfloat16 else 4
+    components = component_bytes(shape, dtype_bytes, rank, rope, calib_tokens)
+    bound = int(1.5 * lb + buffer_bytes)
+    results["bound_bytes"] = bound
+    results["bound"] = "1.5 x one_layer_weight_bytes + calibration_buffer_bytes (issue 8)"
+    results["design_bytes"] = {"components": components, "resident_by_phase": resident_by_phase(components)}
+
+    # ---- streaming (the report's own peak would only cover the time since PhasePeaks' last reset)
+    gc.collect()
+    with PeakRSS() as rss, (PhasePeaks() if device == "cuda" else nullcontext()) as phases:
         t0 = time.perf_counter()
-        report = convert_checkpoint(work / "src", work / "out", config, calib, device=device, dtype=dtype, progress=False)
+        convert_checkpoint(work / "src", work / "out", config, calib, device=device, dtype=dtype, progress=False)
         seconds = time.perf_counter() - t0
+    peak = phases.peak if device == "cuda" else None
     results["runs"]["streaming"] = {
         "seconds": seconds, "per_layer_seconds": seconds / shape["num_hidden_layers"],
-        "peak_device_bytes": report.peak_memory_bytes if device == "cuda" else None,
+        "peak_device_bytes": peak,
+        "meets_bound": None if peak is None else peak <= bound,
+        "peak_over_bound": None if peak is None else peak / bound,
         "peak_host_rss_bytes": rss.peak,
+        "host_rss_limit_bytes": ckpt_bytes + 4 * 10**9,
+        "meets_host_limit": rss.peak <= ckpt_bytes + 4 * 10**9,
+        # per phase: the device peak while it ran, and memory_allocated at its entry and exit (max over layers)
+        "device_by_phase": phases.phases if device == "cuda" else None,
     }
     shutil.rmtree(work / "out", ignore_errors=True)
 
@@ -146,15 +246,28 @@ def main() -> None:
     big = SHAPES["llama3-70b"]
     s = results["runs"]["streaming"]
     scale_layer = layer_bytes(big, 2) / layer_bytes(shape, 2)
+    big_components = component_bytes(big, 2, rank, rope, calib_tokens)
+    big_resident = resident_by_phase(big_components)
+    peak_70b = None
+    if s["device_by_phase"] is not None:
+        # each phase: what it holds by design at 70B + its measured transients (activations and float64 row
+        # chunks, linear in the hidden size at a fixed chunk of tokens) scaled by the width ratio
+        width = big["hidden_size"] / shape["hidden_size"]
+        measured = s["device_by_phase"]
+        per_phase = {
+            name: int(big_resident[name] + max(0, measured[name]["peak_bytes"] - here) * width)
+            for name, here in resident_by_phase(components).items() if name in measured
+        }
+        peak_70b = max(per_phase.values())
     results["projection_70b"] = {
         "assumption": "per-layer time scales with layer bytes (weight reads and hidden-size-squared statistics); "
-        "device memory = one 70B layer + calibration buffer at hidden 8192 + the measured non-weight overhead",
+        "device peak = max over phases of what the phase holds by design at 70B (attention/MLA/MLP weights, "
+        "calibration buffer at hidden 8192, float64 sums) + the measured transients scaled by the width ratio",
         "one_layer_weight_bytes": layer_bytes(big, 2),
+        "calibration_buffer_bytes": big_components["calibration_buffer"],
+        "bound_bytes": int(1.5 * layer_bytes(big, 2) + big_components["calibration_buffer"]),
         "seconds": s["per_layer_seconds"] * scale_layer * big["num_hidden_layers"],
-        "peak_device_bytes": None if s["peak_device_bytes"] is None else int(
-            layer_bytes(big, 2) * 2 + calib_tokens * big["hidden_size"] * 2
-            + (s["peak_device_bytes"] - 2 * lb - buffer_bytes) * (big["hidden_size"] / shape["hidden_size"]) ** 2
-        ),
+        "peak_device_bytes": peak_70b,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +282,15 @@ def main() -> None:
     p = results["projection_70b"]
     dev = "-" if p["peak_device_bytes"] is None else f"{p['peak_device_bytes'] / gib:.2f}"
     print(f"{'70B (proj.)':<12}{p['seconds']:>10.1f}{dev:>18}")
+    st = results["runs"]["streaming"]
+    verdict = "n/a on the CPU" if st["meets_bound"] is None else ("met" if st["meets_bound"] else "NOT met")
+    print(f"streaming bound {bound / gib:.3f} GiB (1.5 x layer + buffer): {verdict}")
+    if st["device_by_phase"]:
+        design = results["design_bytes"]["resident_by_phase"]
+        print(f"{'phase':<14}{'peak GiB':>10}{'entry GiB':>11}{'design GiB':>12}{'calls':>7}")
+        for name, r in st["device_by_phase"].items():
+            d = "-" if name not in design else f"{design[name] / gib:.3f}"
+            print(f"{name:<14}{r['peak_bytes'] / gib:>10.3f}{r['max_entry_bytes'] / gib:>11.3f}{d:>12}{r['calls']:>7}")
 
 if __name__ == "__main__":
     main()

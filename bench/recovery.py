@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
+import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -43,22 +44,11 @@ ROOT = HERE.parent
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def _callbacks_package() -> None:
-    """Make ``transmla_surgery.callbacks`` importable from a plain checkout (the package maps it from
-    ``callbacks/``; an editable or regular install already does)."""
-    try:
-        import transmla_surgery.callbacks  # noqa: F401
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "transmla_surgery.callbacks", ROOT / "callbacks" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "callbacks")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["transmla_surgery.callbacks"] = module
-        spec.loader.exec_module(module)
-
-
 sys.path.insert(0, str(ROOT))
-_callbacks_package()
+sys.path.insert(0, str(HERE))
+from common import callbacks_package  # noqa: E402
+
+callbacks_package()
 
 import lightning.pytorch as L  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
@@ -76,6 +66,9 @@ RUNS = {
     # ablations (not in the default set): gradual without energy re-ordering; distillation of every weight
     "c_gradual_distill_no_reorder": {"rank": 160, "distill": True, "gradual": True, "reorder": False},
     "a_oneshot_distill_all_weights": {"rank": 64, "distill": True, "gradual": False, "train": "all"},
+    # layer-wise residual-stream matching beside the KL (`Distillation(hidden_weight=...)`)
+    "a_oneshot_distill_hidden": {"rank": 64, "distill": True, "gradual": False, "hidden": 1.0},
+    "c_gradual_distill_hidden": {"rank": 160, "distill": True, "gradual": True, "reorder": False, "hidden": 1.0},
 }
 DEFAULT_RUNS = "a_oneshot_distill,b_oneshot_next_token,c_gradual_distill"
 ROPE, TARGET = 32, 64
@@ -145,8 +138,19 @@ def books_stream(tokenizer, folder: Path) -> torch.Tensor:
     return tokenize(tokenizer, "\n\n".join(f.read_text(encoding="utf-8") for f in files))
 
 
+def training_order(n_windows: int, steps: int, batch: int) -> torch.Tensor:
+    """Indices of the training windows, ``steps × batch`` of them: the first pass in book order, each further
+    pass (epoch ``e``) a permutation seeded by ``e``, the same for every run."""
+    need = steps * batch
+    passes = [torch.arange(n_windows)]
+    while sum(len(x) for x in passes) < need:
+        passes.append(torch.randperm(n_windows, generator=torch.Generator().manual_seed(len(passes))))
+    return torch.cat(passes)[:need]
+
+
 def run(name: str, spec: dict, original: torch.nn.Module, *, calib: list[torch.Tensor], train: torch.Tensor,
-        eval_rows: torch.Tensor | None, lr: float, steps: int, batch: int, args, device: torch.device) -> dict:
+        eval_rows: torch.Tensor | None, lr: float, steps: int, batch: int, args, device: torch.device,
+        val: torch.Tensor | None = None) -> dict:
     """One recovery run; returns its curves and final figures (the model is evaluated at rank 64)."""
     L.seed_everything(0, verbose=False)
     model = copy.deepcopy(original)
@@ -158,20 +162,22 @@ def run(name: str, spec: dict, original: torch.nn.Module, *, calib: list[torch.T
         callbacks.append(GradualRankReduction(TARGET, schedule="linear", end=args.gradual_end, multiple_of=8,
                                               reorder=spec.get("reorder", True)))
     if spec["distill"]:
-        callbacks.append(Distillation(weight=1.0, loss_weight=0.0, temperature=1.0, chunk_size=args.chunk))
+        callbacks.append(Distillation(weight=1.0, loss_weight=0.0, temperature=1.0, chunk_size=args.chunk,
+                                      hidden_weight=spec.get("hidden", 0.0)))
     callbacks.append(history)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=args.precision,
         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, gradient_clip_val=1.0, callbacks=callbacks,
     )
-    loader = torch.utils.data.DataLoader(train[: steps * batch], batch_size=batch, shuffle=False)
+    loader = torch.utils.data.DataLoader(train[training_order(len(train), steps, batch)], batch_size=batch, shuffle=False)
     start = time.perf_counter()
     trainer.fit(module, loader)
     seconds = time.perf_counter() - start
     model.to(device)  # Lightning's teardown moved it to the CPU
     masked_rank = _rank(model)
     out = {"name": name, **spec, "lr": lr, "steps": steps, "tokens": steps * batch * train.shape[1],
+           "epochs": round(steps * batch / len(train), 3),
            "seconds": round(seconds, 1), "history": history.steps, "evals": history.evals}
     if masked_rank != TARGET:
         raise RuntimeError(f"{name}: ended at rank {masked_rank}, expected {TARGET}")
@@ -181,6 +187,8 @@ def run(name: str, spec: dict, original: torch.nn.Module, *, calib: list[torch.T
     out["kv_lora_rank"] = model.model.layers[0].self_attn.kv_lora_rank
     if eval_rows is not None:
         out["ppl"] = perplexity(model, eval_rows, batch_size=args.eval_batch)
+    if val is not None:  # held-out novels: what a learning rate may be chosen on (never WikiText)
+        out["books_val_ppl"] = perplexity(model, val, batch_size=args.eval_batch)
     out["model"] = model
     return out
 
@@ -237,6 +245,13 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--runs", default=DEFAULT_RUNS)
+    parser.add_argument("--jobs", default=None,
+                        help="run@lr[@hidden],... : each in its own process at once (one GPU serves several "
+                             "launch-bound runs), results merged into --out; no pilot")
+    parser.add_argument("--gpus", default=None,
+                        help="with --jobs: comma-separated CUDA device indices, jobs spread round-robin over them")
+    parser.add_argument("--hidden-weight", type=float, default=None,
+                        help="override the layer-wise hidden-state loss weight of the runs that use it")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU budget: checks the path, not the figures")
     parser.add_argument("--cut-check", action="store_true",
                         help="only the training-free cut check (writes recovery_smollm2.cut.json; CPU: ~10 min)")
@@ -247,6 +262,9 @@ def main() -> None:
         args.lrs = "3e-4,1e-3" if args.lrs == parser.get_default("lrs") else args.lrs
         args.eval_windows, args.calib_seqs, args.eval_every, args.val_windows = 2, 4, 1, 2
         args.out = args.out if args.out != HERE / "results" else Path("/tmp/recovery_smoke")
+    if args.jobs:
+        parallel(args)
+        return
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*cache width.*")
     device = torch.device(args.device)
@@ -280,12 +298,14 @@ def main() -> None:
         log(json.dumps(res, indent=1))
         return
     n_train = args.steps * args.batch
-    need = (n_train + args.val_windows) * args.seq
-    if books.numel() < need:
-        raise SystemExit(f"books hold {books.numel()} tokens, the budget needs {need}")
-    train = windows(books, n_train, args.seq)
+    # every whole window before the held-out tail trains; more steps than windows make more passes (epochs)
+    n_windows = min(n_train, books.numel() // args.seq - args.val_windows)
+    if n_windows < 1:
+        raise SystemExit(f"books hold {books.numel()} tokens: too few for {args.val_windows} held-out windows")
+    train = windows(books, n_windows, args.seq)
     val = windows(books, args.val_windows, args.seq, offset=books.numel() - args.val_windows * args.seq)
-    log(f"books: {books.numel()} tokens; training {n_train} × {args.seq} = {n_train * args.seq} tokens per run")
+    log(f"books: {books.numel()} tokens; training {n_train} × {args.seq} = {n_train * args.seq} tokens per run "
+        f"({n_train / n_windows:.2f} passes over {n_windows} windows)")
     ppl_orig = perplexity(model, eval_rows, batch_size=args.eval_batch)
     log(f"original WikiText-2 ppl {ppl_orig:.3f}")
 
@@ -293,11 +313,14 @@ def main() -> None:
         "protocol": {
             "eval": f"WikiText-2 test, first {args.eval_windows} non-overlapping 512-token windows, no BOS, float32",
             "calibration": f"{args.calib_seqs} × 256 tokens from token offset 20480 of the same stream",
-            "train": f"books/*.txt, {args.steps} steps × {args.batch} × {args.seq} tokens, same order for every run",
+            "train": f"books/*.txt, {args.steps} steps × {args.batch} × {args.seq} tokens over {n_windows} windows "
+                     f"({n_train / n_windows:.2f} passes: the first in book order, later ones seeded permutations), "
+                     "same order for every run",
             "trainable": "attention blocks only (MLASurgery(train='attention'))",
             "optimizer": "AdamW(0.9, 0.95), no weight decay, 10% linear warm-up, cosine to 10%, grad-clip 1.0",
             "precision": args.precision,
-            "distillation": "Distillation(weight=1, loss_weight=0, T=1): KL(original || student) only",
+            "distillation": "Distillation(weight=1, loss_weight=0, T=1): KL(original || student); runs with 'hidden' "
+                            "add hidden_weight × the layer-wise residual-stream loss",
             "gradual": f"GradualRankReduction(64, start 160, linear, end={args.gradual_end}, multiple_of=8, reorder)",
             "lr_selection": f"pilot of {args.pilot_steps} steps per lr in [{args.lrs}], held-out books ppl "
                             f"({args.val_windows} windows), per method; (c) uses (a)'s",
@@ -329,25 +352,91 @@ def main() -> None:
     results["lr"] = chosen
 
     for name in names:
-        spec = RUNS[name]
+        spec = dict(RUNS[name])
+        if args.hidden_weight is not None and "hidden" in spec:
+            spec["hidden"] = args.hidden_weight
         lr = chosen["distill" if spec["distill"] else "next_token"]
         r = run(name, spec, model, calib=calib, train=train, eval_rows=eval_rows, lr=lr, steps=args.steps,
-                batch=args.batch, args=args, device=device)
+                batch=args.batch, args=args, device=device, val=val)
         r.pop("model")
         results["runs"][name] = r
         log(f"{name}: lr {lr:g}, ppl {r['evals'][0]['ppl']:.2f} → {r['ppl']:.3f} in {r['seconds']} s")
         _write(results, args.out)
 
+    finish(results, args.out)
+    log("done")
+
+
+def parallel(args) -> None:
+    """Run each ``run@lr[@hidden]`` of ``--jobs`` as its own process of this script (same protocol arguments),
+    then merge their results into one ``recovery_smollm2.json`` (runs keyed by job) and plot."""
+    import subprocess
+
+    jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
+    for job in jobs:
+        name = job.split("@")[0]
+        if name not in RUNS or len(job.split("@")) not in (2, 3):
+            raise SystemExit(f"--jobs entry {job!r}: expected run@lr[@hidden] with run one of {', '.join(RUNS)}")
+    keep = []
+    skip = {"--jobs", "--out", "--runs", "--lrs", "--hidden-weight", "--gpus"}
+    gpus = args.gpus.split(",") if args.gpus else None
+    argv = sys.argv[1:]
+    i = 0
+    while i < len(argv):  # the protocol arguments, minus those each job sets itself
+        flag = argv[i].split("=")[0]
+        takes_value = "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if flag not in skip:
+            keep += argv[i : i + (2 if takes_value else 1)]
+        i += 2 if takes_value else 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for k, job in enumerate(jobs):
+        name, lr, *hidden = job.split("@")
+        out = args.out / f"job{k}"
+        cmd = [sys.executable, __file__, *keep, "--out", str(out), "--runs", name, "--lrs", lr]
+        cmd += ["--hidden-weight", hidden[0]] if hidden else []
+        log = open(args.out / f"job{k}.log", "w")
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[k % len(gpus)]} if gpus else {}))
+        procs.append((job, out, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+    merged: dict | None = None
+    for job, out, log, proc in procs:
+        proc.wait()
+        log.close()
+        path = out / "recovery_smollm2.json"
+        if proc.returncode != 0 or not path.exists():
+            print(f"{job}: exit {proc.returncode}, see {args.out / (out.name + '.log')}", flush=True)
+            if not path.exists():
+                continue
+        part = json.loads(path.read_text())
+        if merged is None:
+            merged = {k: v for k, v in part.items() if k not in ("runs", "pilot_books_ppl", "lr")}
+            merged["command"] = "python bench/recovery.py " + " ".join(sys.argv[1:])
+            merged["runs"] = {}
+        for r in part["runs"].values():
+            merged["runs"][job] = {**r, "job": job, "complete": proc.returncode == 0}
+    if merged is None:
+        raise SystemExit("no job produced results")
+    finish(merged, args.out)
+    for job, out, log, proc in procs:  # keep the merged file and the logs only
+        shutil.rmtree(out, ignore_errors=True)
+    for job, r in merged["runs"].items():
+        print(f"{job:45s} ppl {r['evals'][0]['ppl']:8.2f} → {r.get('ppl', float('nan')):8.2f}  books-val "
+              f"{r.get('books_val_ppl', float('nan')):7.2f}  gap closed {r.get('gap_closed') or float('nan'):+.3f}  "
+              f"{r['seconds']} s", flush=True)
+
+
+def finish(results: dict, out: Path) -> None:
+    """Gap closed per run (against the one-shot rank-64 conversion before training), JSON and plot."""
     one_shot = [r["evals"][0]["ppl"] for r in results["runs"].values() if not r["gradual"]]
     if one_shot:
         ppl_conv = one_shot[0]
         results["ppl_converted_75"] = ppl_conv
+        gap = math.log(ppl_conv) - math.log(results["ppl_original"])
         for r in results["runs"].values():
-            gap = math.log(ppl_conv) - math.log(ppl_orig)
-            r["gap_closed"] = (math.log(ppl_conv) - math.log(r["ppl"])) / gap if gap > 0 else None
-    _write(results, args.out)
-    _plot(results, args.out / "recovery_smollm2.png")
-    log("done")
+            if "ppl" in r:
+                r["gap_closed"] = (math.log(ppl_conv) - math.log(r["ppl"])) / gap if gap > 0 else None
+    _write(results, out)
+    _plot(results, out / "recovery_smollm2.png")
 
 
 def _write(results: dict, out: Path) -> None:

@@ -30,9 +30,18 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from transmla_surgery.distill import ModelTeacher, Teacher, base_model, distillation_loss, output_head
+from transmla_surgery.architectures import decoder_layers
+from transmla_surgery.distill import (
+    ModelTeacher,
+    Teacher,
+    base_model,
+    distillation_loss,
+    hidden_state_loss,
+    output_head,
+)
 from transmla_surgery.errors import ConfigError
 
+from . import _fsdp
 from .surgery import MLASurgery, find_model
 
 IGNORE = -100
@@ -65,6 +74,10 @@ class Distillation(Callback):
         weight: factor of ``T²·KL(teacher ‖ student)`` (mean over non-padding tokens).
         loss_weight: factor of the user's own loss (the value ``training_step`` returns); 0 distils only.
         temperature: ``T``.
+        hidden_weight: factor of the layer-wise residual-stream loss (`hidden_state_loss`: mean over decoder
+            layers of the student's squared error to the teacher's layer output, relative to the teacher's energy
+            there). 0 (default) adds nothing and records no layer outputs. A dense signal at every layer: when only
+            attention trains, the rest of the network is the teacher's, so each stream can match exactly.
         chunk_size: tokens per KL chunk (peak logits memory ``2 · chunk_size · vocab``).
         teacher: a frozen teacher model to use instead of the one `MLASurgery` keeps (it is never registered in
             the LightningModule).
@@ -78,10 +91,11 @@ class Distillation(Callback):
         temperature: float = 1.0,
         chunk_size: int = 1024,
         *,
+        hidden_weight: float = 0.0,
         teacher: nn.Module | None = None,
         model_attr: str | None = None,
     ) -> None:
-        for name, value in (("weight", weight), ("loss_weight", loss_weight)):
+        for name, value in (("weight", weight), ("loss_weight", loss_weight), ("hidden_weight", hidden_weight)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if not isinstance(temperature, (int, float)) or temperature <= 0:
@@ -94,6 +108,7 @@ class Distillation(Callback):
         self.loss_weight = float(loss_weight)
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
+        self.hidden_weight = float(hidden_weight)
         self.model_attr = model_attr
         self._given_teacher = ModelTeacher(teacher) if teacher is not None else None
         self.teacher: Teacher | None = None
@@ -101,7 +116,10 @@ class Distillation(Callback):
         self._module: pl.LightningModule | None = None
         self._handle = None
         self._capturing = False
-        self._captured: list[tuple[dict[str, Any], torch.Tensor]] = []
+        self._captured: list[tuple[dict[str, Any], torch.Tensor, list[torch.Tensor]]] = []
+        self._layer_handles: list[Any] = []
+        self._layer_states: list[torch.Tensor] = []  # outputs of the decoder layers in the forward under way
+        self._recording = False
         self.metrics = nn.ModuleDict({"kl": MeanMetric(), "top1": MeanMetric(), "ppl": Perplexity(ignore_index=IGNORE)})
 
     # ------------------------------------------------------------------ setup / teardown
@@ -115,6 +133,8 @@ class Distillation(Callback):
             )
         self._model = find_model(pl_module, self.model_attr)
         self._handle = base_model(self._model).register_forward_hook(self._capture, with_kwargs=True)
+        if self.hidden_weight > 0:
+            self._layer_handles = [layer.register_forward_hook(self._record_layer) for layer in decoder_layers(self._model)]
         self._install(pl_module)
 
     def _install(self, pl_module: pl.LightningModule) -> None:
@@ -135,6 +155,9 @@ class Distillation(Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        for handle in self._layer_handles:
+            handle.remove()
+        self._layer_handles = []
         if self._module is not None and "training_step" in vars(self._module):
             del self._module.training_step  # the class method shows through again
         self._module = None
@@ -151,21 +174,34 @@ class Distillation(Callback):
                 )
             teacher = keepers[0].teacher
         param = next(p for p in base_model(self._model).parameters() if p.is_floating_point())
-        # Lightning moved the student to its device (and a "-true" precision's dtype); the teacher follows.
-        self.teacher = teacher.to(param.device, param.dtype)
+        # Lightning moved the student to its device (and a "-true" precision's dtype); the teacher follows. Under
+        # FSDP the student computes in the mixed-precision parameter dtype (its sharded parameters keep theirs).
+        dtype = param.dtype
+        mixed = getattr(trainer.strategy, "mixed_precision_config", None) if _fsdp.sharded_root(trainer) is not None else None
+        if mixed is not None and getattr(mixed, "param_dtype", None) is not None:
+            dtype = mixed.param_dtype
+        self.teacher = teacher.to(param.device, dtype)
         self.metrics.to(param.device)
 
     # ------------------------------------------------------------------ the step
+    def _record_layer(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # Fires for the student's training forward (capturing, grad on) and, with the swap-in teacher, for the
+        # teacher's pass through the same layers (recording, under no_grad).
+        if self._recording or (self._capturing and torch.is_grad_enabled()):
+            self._layer_states.append(output[0] if isinstance(output, tuple) else output)
+
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not (self._capturing and torch.is_grad_enabled()):
             return
         if args:  # transformers passes keywords; a positional first argument is input_ids
             kwargs = {"input_ids": args[0], **kwargs}
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        self._captured.append((dict(kwargs), hidden))
+        layers, self._layer_states = self._layer_states, []
+        self._captured.append((dict(kwargs), hidden, layers))
 
     def _training_step(self, module: pl.LightningModule, original: Any, *args: Any, **kwargs: Any) -> Any:
         self._captured = []
+        self._layer_states = []
         self._capturing = True
         try:
             out = original(*args, **kwargs)
@@ -182,10 +218,15 @@ class Distillation(Callback):
                 "Distillation: training_step did not run the model with gradients enabled, so there is nothing to "
                 "distil (the callback hooks the forward of the model's decoder stack)"
             )
-        kd = torch.stack([self._distil(kw, hidden) for kw, hidden in captured]).mean()
+        parts = [self._distil(kw, hidden, layers) for kw, hidden, layers in captured]
+        kd = torch.stack([p[0] for p in parts]).mean()
         total = self.loss_weight * loss + self.weight * kd
         batch_size = int(captured[0][1].shape[0])
         module.log("distill/loss", kd.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
+        if self.hidden_weight > 0:
+            hidden_loss = torch.stack([p[1] for p in parts]).mean()
+            total = total + self.hidden_weight * hidden_loss
+            module.log("distill/hidden", hidden_loss.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
         for name, metric in self.metrics.items():
             if metric.update_count:
                 # compute() syncs across processes (every rank reaches this line each step); logged as is.
@@ -196,10 +237,29 @@ class Distillation(Callback):
             return {**out, "loss": total}
         return total
 
-    def _distil(self, kwargs: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor:
+    def _teacher_pass(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Teacher's final hidden states and, when ``hidden_weight > 0``, its decoder layers' outputs."""
         assert self.teacher is not None and self._model is not None
-        teacher_hidden = self.teacher.hidden_states(self._model, kwargs)
+        if self.hidden_weight <= 0:
+            return self.teacher.hidden_states(self._model, kwargs), []
+        extra = []
+        if isinstance(self.teacher, ModelTeacher):  # its own layers: hook them for this pass
+            extra = [layer.register_forward_hook(self._record_layer) for layer in decoder_layers(self.teacher.model)]
+        self._layer_states, self._recording = [], True
+        try:
+            final = self.teacher.hidden_states(self._model, kwargs)
+        finally:
+            self._recording = False
+            for handle in extra:
+                handle.remove()
+        states, self._layer_states = self._layer_states, []
+        return final, states
+
+    def _distil(self, kwargs: dict[str, Any], hidden: torch.Tensor, layers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert self.teacher is not None and self._model is not None
+        teacher_hidden, teacher_layers = self._teacher_pass(kwargs)
         valid = _valid_mask(kwargs, hidden.shape[:2], hidden.device)
+        hidden_loss = hidden_state_loss(layers, teacher_layers, valid) if self.hidden_weight > 0 else None
         targets = _next_tokens(kwargs, valid)
         flat = valid.reshape(-1)
         hs = hidden.reshape(-1, hidden.shape[-1])[flat]
@@ -220,4 +280,4 @@ class Distillation(Callback):
             metrics["top1"].update(result.agree / result.count, weight=result.count)
         else:
             rank_zero_warn("Distillation: a batch had no non-padding tokens")
-        return result.loss
+        return result.loss, hidden_loss

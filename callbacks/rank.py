@@ -28,6 +28,7 @@ from transmla_surgery.rank import (
     scheduled_rank,
 )
 
+from . import _fsdp
 from .surgery import find_model
 
 Interval = Literal["step", "epoch"]
@@ -55,6 +56,10 @@ class GradualRankReduction(Callback):
         energy_decay: decay of the moving average of the latent second moment, per training batch.
         multiple_of: ranks move in steps of this many channels (e.g. 8 or 16 for kernels).
         model_attr: see `MLASurgery`.
+
+    Under Lightning's ``FSDPStrategy`` each process cuts the part of the weights and optimizer state it holds (the
+    masks are whole on every process); ``reorder=True`` is refused there (a rotation mixes whole rows and columns
+    of sharded tensors and their optimizer moments).
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class GradualRankReduction(Callback):
         self.interval = interval
         self.begin, self.end, self.num_steps = begin, end, num_steps
         self.total = total
+        self._total_arg = total  # as given (resuming warns when the saved length differs from an unset one)
         self.reorder = reorder
         self.energy_decay = energy_decay
         self.multiple_of = multiple_of
@@ -142,6 +148,12 @@ class GradualRankReduction(Callback):
         # checked against the config of a listed MLASurgery is checked now, before any conversion.
         from .surgery import MLASurgery
 
+        if self.reorder and _fsdp.fsdp_strategy(trainer) is not None:
+            raise ConfigError(
+                "GradualRankReduction(reorder=True) is not supported under FSDP: the re-ordering rotates whole "
+                "weights and optimizer moments, which FSDP shards flat across processes; use reorder=False (the "
+                "default, and the better setting measured on SmolLM2) or DDP"
+            )
         for cb in trainer.callbacks:
             if isinstance(cb, MLASurgery):
                 self._check_ranks(cb.config.kv_lora_rank)
@@ -161,38 +173,52 @@ class GradualRankReduction(Callback):
         self._check_ranks(width)
         if self.start_rank is None:
             self.start_rank = width
-        if self._restored is not None:  # resumed: the saved schedule and rank win
-            state, self._restored = self._restored, None
-            if self.total is None and state["total"] != self._total(trainer):
-                rank_zero_warn(
-                    f"GradualRankReduction keeps the resumed schedule length {state['total']} ({self.interval}s), "
-                    f"not this trainer's {self._total(trainer)}"
-                )
-            self.total = state["total"]
-            self.rank = state["rank"]
-        elif self.rank is None:
-            self.total = self.total or self._total(trainer)
-            self.rank = self.start_rank
-        current = {active_rank(b) for b in blocks}
-        if current != {self.rank}:
-            # A resumed model's mask is not persistent; its cut channels are already zero in the weights.
-            reduce_rank(blocks, self.rank)
         self._blocks, self._model = blocks, model
         self._kv_before = 2 * int(model.config.num_key_value_heads) * blocks[0].geometry.source_head_dim
         self._rope_dim = blocks[0].qk_rope_head_dim
         if self.reorder:
             if self._moments is None or self._moments.blocks is not blocks:
                 self._moments = LatentMoments(blocks, self.energy_decay)
-            if self._restored_moments is not None:
-                self._moments.load_state_dict(self._restored_moments)
-                self._restored_moments = None
             self._moments.collecting = False
             self._moments.attach()
+        if self.rank is None and self._restored is None:
+            self.total = self.total or self._total(trainer)
+            self.rank = self.start_rank
+        # One device and DDP have restored the checkpoint's callback state by now; FSDP restores it after
+        # on_fit_start (Lightning's restore_checkpoint_after_setup), so on_train_start applies it there.
+        self._apply_restored(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_restored(trainer)
+
+    def _apply_restored(self, trainer: pl.Trainer) -> None:
+        if self._restored is not None:  # resumed: the saved schedule and rank win
+            state, self._restored = self._restored, None
+            if self._total_arg is None and state["total"] != self._total(trainer):
+                rank_zero_warn(
+                    f"GradualRankReduction keeps the resumed schedule length {state['total']} ({self.interval}s), "
+                    f"not this trainer's {self._total(trainer)}"
+                )
+            self.total = state["total"]
+            self.rank = state["rank"]
+        if self._moments is not None and self._restored_moments is not None:
+            self._moments.load_state_dict(self._restored_moments)
+            self._restored_moments = None
+        if {active_rank(b) for b in self._blocks} != {self.rank}:
+            # A resumed model's mask is not persistent; its cut channels are already zero in the weights.
+            self._cut(trainer, self.rank, reorder=False)
+
+    def _cut(self, trainer: pl.Trainer, rank: int, *, reorder: bool = True) -> None:
+        root = _fsdp.sharded_root(trainer)
+        if root is not None:  # FSDP: each rank cuts the part of the weights and optimizer state it holds
+            _fsdp.reduce_rank_sharded(self._blocks, rank, root, trainer.optimizers)
+        else:
+            reduce_rank(self._blocks, rank, moments=self._moments if reorder else None, optimizers=trainer.optimizers)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         rank = self.rank_at(self.progress(trainer))
         if self.rank is not None and rank < self.rank:
-            reduce_rank(self._blocks, rank, moments=self._moments, optimizers=trainer.optimizers)
+            self._cut(trainer, rank)
             self.rank = rank
         if self._moments is not None:
             self._moments.collecting = True  # this batch's training forward(s) count

@@ -2,7 +2,10 @@
 
 ``setup`` runs before ``configure_model``, before checkpoint weights are restored and before the optimizers
 exist (see ``shared/design/integration.md``), so the optimizer sees the new attention parameters and resuming
-from a checkpoint of a converted model loads into the converted structure.
+from a checkpoint of a converted model loads into the converted structure. It also runs before a DDP or FSDP
+strategy wraps the model (``strategy.setup``), so FSDP shards the converted model. FSDP restores a checkpoint
+after ``on_fit_start`` (``restore_checkpoint_after_setup``): what depends on the restore waits for
+``on_train_start`` there.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from transmla_surgery.errors import ConfigError, UnsupportedModelError
 from transmla_surgery.mla_attention import MLAAttention
 from transmla_surgery.report import ConversionReport
 from transmla_surgery.surgery import apply_mla_structure, convert_to_mla, is_converted, record_conversion
+
+from . import _fsdp
 
 Trainable = Literal["all", "attention"]
 TeacherKind = Literal["auto", "swap", "copy", "none"]
@@ -92,6 +97,11 @@ class MLASurgery(Callback):
             there; Lightning would move it there next anyway), ``"model"`` converts where the model is.
 
     After ``setup``: ``report`` (the `ConversionReport`, ``None`` when nothing was calibrated), ``teacher``.
+
+    Under Lightning's ``FSDPStrategy`` the conversion runs on each process before the strategy wraps the model, and
+    the strategy's options are checked and completed (`callbacks._fsdp.configure`): unset ``auto_wrap_policy``
+    wraps each decoder layer and each MLA block, unset ``sync_module_states`` becomes true on GPUs,
+    ``use_orig_params=False`` is refused.
     """
 
     def __init__(
@@ -152,6 +162,7 @@ class MLASurgery(Callback):
         model = find_model(pl_module, self.model_attr)
         if is_converted(model):  # a later fit/validate on the same module: nothing to convert again
             self._freeze(model)
+            _fsdp.configure(trainer, model, train=self.train)
             return
         # Everything that can fail on bad input fails here, before the model changes.
         src = check_supported(model)
@@ -162,6 +173,11 @@ class MLASurgery(Callback):
         if self.convert_on == "accelerator":
             model.to(trainer.strategy.root_device)
         kind = self._teacher_kind(trainer, stage)
+        if kind == "copy" and _fsdp.fsdp_strategy(trainer) is not None:
+            rank_zero_warn(
+                "MLASurgery(teacher='copy') under FSDP: the teacher is a whole, unsharded frozen copy of the model on "
+                "every GPU; with train='attention' the swapped-in teacher needs only the original attention blocks"
+            )
         self.teacher = keep_teacher(model, kind) if kind else None
         if calibration is None:
             _structure_only(model, self.config)
@@ -175,6 +191,7 @@ class MLASurgery(Callback):
                 f"{self.report.kv_after} values/token ({self.report.compression:.1%} smaller) in {self.report.seconds:.1f} s"
             )
         self._freeze(model)
+        _fsdp.configure(trainer, model, train=self.train)  # before the strategy wraps the converted model
 
     def _freeze(self, model: nn.Module) -> None:
         if self.train != "attention":
@@ -184,6 +201,14 @@ class MLASurgery(Callback):
             p.requires_grad_(name in keep)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._check_restored(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.restore_checkpoint_after_setup:  # FSDP loads the checkpoint after on_fit_start
+            self._check_restored(trainer)
+
+    def _check_restored(self, trainer: pl.Trainer) -> None:
         if self.structure_only and trainer.ckpt_path is None:
             raise ConfigError(
                 "MLASurgery(calibration=None) built empty MLA blocks for resuming, but no checkpoint was loaded: "

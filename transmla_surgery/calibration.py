@@ -3,11 +3,17 @@
 Nothing here stores activations: each attention block's input ``x`` (``[batch, seq, D]``) is folded into
 ``Σ += x̃ᵀ x̃`` (``x̃ = [x; 1]``, ``[D+1, D+1]`` float64) as soon as it is produced, so memory does not grow with
 the amount of calibration data. Forward passes stop right after the last layer that is being measured.
+
+Bounded transients: the accumulators cast and multiply at most ``ACCUMULATE_ROWS`` rows at a time, folding each
+product into the running sum in place (``addmm_``), so no float64 copy of a whole batch and no second
+``[D+1, D+1]`` product ever exists; `LayerInputBuffer` runs layers over micro-batches of whole sequences of about
+``CHUNK_TOKENS`` tokens, and a layer's MLP over at most that many rows at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +23,23 @@ from .architectures import decoder_layers
 from .errors import CalibrationError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
+
+# Rows cast to float64 and multiplied per step inside the accumulators: a [512, D+1] float64 chunk is 17 MB at
+# D = 4096, against 134 MB for a 4096-token batch. The summation order depends on it (results stay deterministic).
+ACCUMULATE_ROWS = 512
+# Tokens per layer forward when `LayerInputBuffer` visits or advances its states: whole sequences (attention needs
+# them), as many as fit, at least one; a layer's MLP then sees at most this many rows at a time (3 × 512 × 14336
+# bf16 intermediates = 44 MB for Llama-3-8B).
+CHUNK_TOKENS = 512
+
+
+def _augmented(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[rows; 1]`` as one ``[n, d+1]`` float64 tensor on ``device`` (a single cast-copy, no concatenation)."""
+    n, d = rows.shape
+    out = torch.empty(n, d + 1, dtype=torch.float64, device=device)
+    out[:, :d].copy_(rows)
+    out[:, d] = 1.0
+    return out
 
 
 def iter_batches(calibration: Iterable, vocab_size: int | None = None) -> Iterator[Batch]:
@@ -75,15 +98,21 @@ def materialize(calibration: Iterable, vocab_size: int | None = None) -> list[Ba
 
 @dataclass
 class GramAccumulator:
-    """Running ``Σ x̃ x̃ᵀ`` (float64) over unmasked tokens, their count, and the largest ``‖x‖²`` seen."""
+    """Running ``Σ x̃ x̃ᵀ`` (float64) over unmasked tokens, their count, and the largest ``‖x‖²`` seen.
+
+    `add` folds at most ``chunk_rows`` rows at a time (cast to float64 on the sum's device, multiplied into the
+    sum in place), so its transient memory is ``chunk_rows · (D+1)`` float64 values whatever the batch size.
+    """
 
     dim: int
     device: torch.device | str = "cpu"
+    chunk_rows: int | None = None  # None: ACCUMULATE_ROWS
     total: torch.Tensor = field(init=False)
     count: int = field(init=False, default=0)
     max_sq_norm: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
+        self.chunk_rows = _positive("chunk_rows", ACCUMULATE_ROWS if self.chunk_rows is None else self.chunk_rows)
         self.total = torch.zeros(self.dim + 1, self.dim + 1, dtype=torch.float64, device=self.device)
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None, where: str) -> None:
@@ -91,20 +120,26 @@ class GramAccumulator:
         x = x.detach().reshape(-1, x.shape[-1])
         if mask is not None:
             x = x[mask.reshape(-1).to(x.device).bool()]
-        x = x.to(device=self.total.device, dtype=torch.float64)
-        if not bool(torch.isfinite(x).all()):
+        if not bool(torch.isfinite(x).all()):  # float64 casts keep (non-)finiteness: checked before any fold
             raise CalibrationError(f"non-finite activations (NaN/Inf) at the input of {where}")
-        aug = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-        self.total += aug.T @ aug
+        d = x.shape[1]
+        for start in range(0, x.shape[0], self.chunk_rows):
+            aug = _augmented(x[start : start + self.chunk_rows], self.total.device)
+            self.total.addmm_(aug.T, aug)
+            norm = float(torch.linalg.vector_norm(aug[:, :d], dim=-1).max())
+            self.max_sq_norm = max(self.max_sq_norm, norm * norm)
         self.count += x.shape[0]
-        if x.shape[0]:
-            self.max_sq_norm = max(self.max_sq_norm, float(x.pow(2).sum(-1).max()))
 
-    def second_moment(self) -> torch.Tensor:
-        """``E[x̃ x̃ᵀ]``, ``[D+1, D+1]`` float64."""
+    def second_moment(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``E[x̃ x̃ᵀ]``, ``[D+1, D+1]`` float64, on ``device`` (default: where the sum is)."""
         if self.count == 0:
             raise CalibrationError("calibration produced no unmasked tokens")
-        return self.total / self.count
+        total = self.total if device is None else self.total.to(device)
+        return total / self.count
+
+    def release(self) -> None:
+        """Drop the running sum (its device memory) once the second moment has been taken; ``count`` stays."""
+        self.total = None
 
 
 class _StopForward(Exception):
@@ -186,17 +221,20 @@ class RegressionAccumulator:
     """Running float64 sums for a least-squares fit ``y ≈ W [a; 1]``: ``Σ ã ãᵀ`` and ``Σ y ãᵀ``.
 
     ``a`` is ``[N, n_in]``, ``y`` ``[N, n_out]``; padding rows are dropped. Memory is ``(n_in+1)·(n_in+n_out+1)``
-    values whatever the amount of data.
+    values whatever the amount of data, plus ``chunk_rows · (n_in+n_out+1)`` float64 values while `add` runs
+    (rows are cast and folded in, in place, at most ``chunk_rows`` at a time).
     """
 
     n_in: int
     n_out: int
     device: torch.device | str = "cpu"
+    chunk_rows: int | None = None  # None: ACCUMULATE_ROWS
     inputs: torch.Tensor = field(init=False)
     cross: torch.Tensor = field(init=False)
     count: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
+        self.chunk_rows = _positive("chunk_rows", ACCUMULATE_ROWS if self.chunk_rows is None else self.chunk_rows)
         self.inputs = torch.zeros(self.n_in + 1, self.n_in + 1, dtype=torch.float64, device=self.device)
         self.cross = torch.zeros(self.n_out, self.n_in + 1, dtype=torch.float64, device=self.device)
 
@@ -205,19 +243,28 @@ class RegressionAccumulator:
         y = y.detach().reshape(-1, y.shape[-1])
         if mask is not None:
             keep = mask.reshape(-1).to(a.device).bool()
-            a, y = a[keep], y[keep]
-        a = a.to(self.inputs.device, torch.float64)
-        y = y.to(self.inputs.device, torch.float64)
-        aug = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
-        self.inputs += aug.T @ aug
-        self.cross += y.T @ aug
+            a, y = a[keep], y[keep.to(y.device)]
+        device = self.inputs.device
+        for start in range(0, a.shape[0], self.chunk_rows):
+            aug = _augmented(a[start : start + self.chunk_rows], device)
+            target = y[start : start + self.chunk_rows].to(device, torch.float64)
+            self.inputs.addmm_(aug.T, aug)
+            self.cross.addmm_(target.T, aug)
         self.count += a.shape[0]
+
+
 class LayerInputBuffer:
     """The hidden states entering one decoder layer, for every calibration token, advanced layer by layer.
 
     The opt-in fast path of `convert_to_mla` (``keep_activations=True``): one layer-forward per layer instead of
     re-running the calibration stream through every earlier layer, at the price of ``tokens × D`` activations in
     memory (37 MB for SmolLM2-135M on 16K tokens in float32). Statistics are still running float64 sums.
+
+    Layers run over micro-batches of whole sequences of about ``chunk_tokens`` tokens (default `CHUNK_TOKENS`;
+    at least one sequence),
+    and a layer's MLP over at most ``chunk_tokens`` rows at a time, so what a visit or an advance allocates
+    beyond the buffer itself does not grow with the size of the stored batches. Advancing overwrites the
+    buffered states in place, micro-batch by micro-batch.
     """
 
     def __init__(
@@ -226,11 +273,13 @@ class LayerInputBuffer:
         batches: list[Batch],
         device: torch.device | str | None = None,
         track_reference: bool = False,
+        chunk_tokens: int | None = None,
     ) -> None:
         self.layers = decoder_layers(model)
         self.reference: list[torch.Tensor] | None = None
         self.masks = [mask for _, mask in batches]
         self.device = device
+        self.chunk_tokens = _positive("chunk_tokens", CHUNK_TOKENS if chunk_tokens is None else chunk_tokens)
         self.hidden: list[torch.Tensor] = []
         self.kwargs: list[dict] = []
         first = self.layers[0]
@@ -267,21 +316,31 @@ class LayerInputBuffer:
         masks: list[torch.Tensor | None],
         kwargs: list[dict],
         track_reference: bool = False,
+        chunk_tokens: int | None = None,
     ) -> "LayerInputBuffer":
         """A buffer over hidden states computed elsewhere (streaming conversion builds them from the embedding
         table alone): ``hidden[b]`` is ``[B, T, D]``, ``kwargs[b]`` what the decoder layer is called with."""
         self = cls.__new__(cls)
         self.layers, self.hidden, self.masks, self.kwargs, self.device = layers, hidden, masks, kwargs, None
+        self.chunk_tokens = _positive("chunk_tokens", CHUNK_TOKENS if chunk_tokens is None else chunk_tokens)
         self.reference = [h.clone() for h in hidden] if track_reference else None
         return self
 
+    def micro_batches(self, b: int) -> list[tuple[slice, torch.Tensor | None, dict]]:
+        """Stored batch ``b`` as micro-batches ``(rows, mask, layer kwargs)`` of whole sequences, about
+        ``chunk_tokens`` tokens each (one micro-batch when the kwargs cannot be split by sequence)."""
+        return _micro_batches(self.hidden[b].shape, self.masks[b], self.kwargs[b], self.chunk_tokens)
+
     @torch.no_grad()
     def visit(self, index: int, visitor: Visitor) -> None:
-        """Hand layer ``index``'s attention input ``input_layernorm(h)`` for every buffered batch to ``visitor``."""
+        """Hand layer ``index``'s attention input ``input_layernorm(h)`` for every buffered batch to ``visitor``
+        (one call per micro-batch)."""
         layer = self.layers[index]
         device = next(layer.parameters()).device
-        for h, mask, kw in zip(self.hidden, self.masks, self.kwargs):
-            visitor(layer.input_layernorm(h.to(device)), mask, {k: kw[k] for k in _ATTENTION_KWARGS if k in kw})
+        for b, h in enumerate(self.hidden):
+            for rows, mask, kw in self.micro_batches(b):
+                attn_kw = {k: kw[k] for k in _ATTENTION_KWARGS if k in kw}
+                visitor(layer.input_layernorm(h[rows].to(device)), mask, attn_kw)
 
     def attention_gram(self, index: int) -> GramAccumulator:
         """Gram of layer ``index``'s attention input over the buffered states."""
@@ -297,34 +356,132 @@ class LayerInputBuffer:
             raise ValueError("this buffer does not track the original stream (track_reference=False)")
         layer = self.layers[index]
         device = next(layer.parameters()).device
-        for h, ref, mask, kw in zip(self.hidden, self.reference, self.masks, self.kwargs):
-            h, ref = h.to(device), ref.to(device)
-            attn_kw = {k: kw[k] for k in _ATTENTION_KWARGS if k in kw}
-            target = original_attention(hidden_states=layer.input_layernorm(ref), **attn_kw)[0] + (ref - h)
-            visitor(layer.input_layernorm(h), mask, attn_kw, target=target)
+        for b, (h, ref) in enumerate(zip(self.hidden, self.reference)):
+            for rows, mask, kw in self.micro_batches(b):
+                hb, rb = h[rows].to(device), ref[rows].to(device)
+                attn_kw = {k: kw[k] for k in _ATTENTION_KWARGS if k in kw}
+                target = original_attention(hidden_states=layer.input_layernorm(rb), **attn_kw)[0] + (rb - hb)
+                visitor(layer.input_layernorm(hb), mask, attn_kw, target=target)
 
     @torch.no_grad()
-    def advance(self, index: int, reference_attention: nn.Module | None = None) -> None:
-        """Replace the buffered states by the outputs of layer ``index`` as it is now; with
-        ``reference_attention``, also advance the original stream through the layer with that attention block."""
+    def advance(
+        self, index: int, reference_attention: nn.Module | None = None, attention: nn.Module | None = None
+    ) -> None:
+        """Replace the buffered states by the outputs of layer ``index`` as it is now (with ``attention``: with
+        that attention block swapped in for the pass); with ``reference_attention``, also advance the original
+        stream through the layer with that attention block."""
         layer = self.layers[index]
-        self._run(layer, self.hidden)
+        with _swapped_attention(layer, attention):
+            self._run(layer, self.hidden)
         if self.reference is not None and reference_attention is not None:
-            current = layer.self_attn
-            layer.self_attn = reference_attention
-            try:
+            with _swapped_attention(layer, reference_attention):
                 self._run(layer, self.reference)
-            finally:
-                layer.self_attn = current
 
     def _run(self, layer: nn.Module, states: list[torch.Tensor]) -> None:
         was_training = layer.training
         layer.eval()
         device = next(layer.parameters()).device
         try:
-            for b, (h, kw) in enumerate(zip(states, self.kwargs)):
-                out = layer(h.to(device), **kw)
-                out = out[0] if isinstance(out, tuple) else out
-                states[b] = out.to(h.device)
+            with _row_chunked_mlp(layer, self.chunk_tokens):
+                for b, h in enumerate(states):
+                    dest = h
+                    for rows, _, kw in self.micro_batches(b):
+                        out = layer(h[rows].to(device), **kw)
+                        out = out[0] if isinstance(out, tuple) else out
+                        if dest is h and out.dtype != h.dtype:  # keep the layer's output dtype, as before
+                            dest = torch.empty(h.shape[:-1] + out.shape[-1:], dtype=out.dtype, device=h.device)
+                        dest[rows].copy_(out)  # sequences of a micro-batch are read before they are overwritten
+                        del out
+                    states[b] = dest
         finally:
             layer.train(was_training)
+
+
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+# Layer kwargs that carry a batch dimension (size B, or 1 when broadcast); anything else passes unchanged.
+_BATCHED_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+
+
+def _batch_sliceable(value: object, batch: int) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.dim() >= 1 and value.shape[0] in (1, batch)
+    if isinstance(value, (tuple, list)):
+        return all(_batch_sliceable(v, batch) for v in value)
+    return False
+
+
+def _batch_slice(value: object, rows: slice, batch: int) -> object:
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_batch_slice(v, rows, batch) for v in value)
+    return value
+
+
+def _micro_batches(
+    shape: torch.Size, mask: torch.Tensor | None, kwargs: dict, chunk_tokens: int
+) -> list[tuple[slice, torch.Tensor | None, dict]]:
+    batch, seq = shape[0], shape[1]
+    per = max(1, chunk_tokens // max(1, seq))
+    splittable = all(_batch_sliceable(kwargs[k], batch) for k in _BATCHED_KWARGS if k in kwargs) and not any(
+        isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch
+        for k, v in kwargs.items() if k not in _BATCHED_KWARGS
+    )  # an unknown kwarg with a batch-sized first dimension: do not guess, run the stored batch whole
+    if per >= batch or not splittable:
+        return [(slice(0, batch), mask, kwargs)]
+    out = []
+    for start in range(0, batch, per):
+        rows = slice(start, min(start + per, batch))
+        kw = {k: (_batch_slice(v, rows, batch) if k in _BATCHED_KWARGS else v) for k, v in kwargs.items()}
+        out.append((rows, None if mask is None else mask[rows], kw))
+    return out
+
+
+@contextmanager
+def _swapped_attention(layer: nn.Module, attention: nn.Module | None) -> Iterator[None]:
+    if attention is None or attention is layer.self_attn:
+        yield
+        return
+    current = layer.self_attn
+    layer.self_attn = attention
+    try:
+        yield
+    finally:
+        layer.self_attn = current
+
+
+@contextmanager
+def _row_chunked_mlp(layer: nn.Module, rows: int) -> Iterator[None]:
+    """Run ``layer.mlp`` (a per-token map) over at most ``rows`` rows at a time while the block is active, so
+    its ``[rows, intermediate]`` activations stay bounded even for sequences longer than ``rows``."""
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(mlp, nn.Module) or "forward" in vars(mlp):
+        yield
+        return
+    forward = mlp.forward
+
+    def chunked(x: torch.Tensor, *args, **kwargs):
+        flat = x.reshape(-1, x.shape[-1])
+        if args or kwargs or flat.shape[0] <= rows:
+            return forward(x, *args, **kwargs)
+        out = None
+        for start in range(0, flat.shape[0], rows):
+            y = forward(flat[start : start + rows])
+            if out is None:
+                out = y.new_empty((flat.shape[0],) + tuple(y.shape[1:]))
+            out[start : start + rows] = y
+            del y
+        return out.reshape(*x.shape[:-1], *out.shape[1:])
+
+    mlp.forward = chunked
+    try:
+        yield
+    finally:
+        del mlp.forward

@@ -613,12 +613,16 @@ def _run_training(cli: Any, recipes: list[str], argv: list[str]) -> int:
         return 0
 
     monitor = cli.monitor
-    model = module.model
+    export = parts["export"]
+    # Under FSDP the module's model stays sharded after fit; MLAExport gathered a full copy (at its final rank)
+    # on rank 0, which is the same function.
+    gathered = getattr(export, "model", None) if export is not None else None
+    model = gathered if gathered is not None else module.model
     device = trainer.strategy.root_device
     model.to(device)
     after = perplexity(model, dm.val_rows, dm.batch_size) if dm.val_rows is not None and dm.val_rows.shape[0] else None
     kv_after = kv_values_per_token(model)
-    export, report = parts["export"], None
+    report = None
     if export is not None:
         report = export.reports.get("final")
     export_ppl = None

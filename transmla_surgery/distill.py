@@ -76,6 +76,20 @@ def _freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def _attention_owner(layer: nn.Module) -> nn.Module:
+    """The module that registers ``self_attn``: the decoder layer itself, or the layer inside wrappers that hold it
+    as their only child (FSDP's ``FullyShardedDataParallel``, activation checkpointing's ``CheckpointWrapper``).
+    Setting ``self_attn`` on a wrapper would register a second module on the wrapper and leave the layer's own
+    attention in use."""
+    module = layer
+    while "self_attn" not in module._modules:
+        children = list(module._modules.values())
+        if len(children) != 1:
+            raise UnsupportedModelError(f"cannot find the attention block of {type(layer).__name__} (no self_attn)")
+        module = children[0]
+    return module
+
+
 class AttentionSwapTeacher:
     """The original attention blocks, kept beside the student (not registered in it, so they are in no
     checkpoint and no optimizer); the teacher pass swaps them into the student's layers and back."""
@@ -100,14 +114,15 @@ class AttentionSwapTeacher:
         layers = decoder_layers(model)
         if len(layers) != len(self.originals):
             raise UnsupportedModelError(f"teacher has {len(self.originals)} attention blocks, the model {len(layers)} layers")
-        students = [layer.self_attn for layer in layers]
+        owners = [_attention_owner(layer) for layer in layers]
+        students = [owner.self_attn for owner in owners]
         try:
-            for layer, original in zip(layers, self.originals):
-                layer.self_attn = original
+            for owner, original in zip(owners, self.originals):
+                owner.self_attn = original
             yield
         finally:
-            for layer, student in zip(layers, students):
-                layer.self_attn = student
+            for owner, student in zip(owners, students):
+                owner.self_attn = student
 
     @torch.no_grad()
     def hidden_states(self, student: nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -240,3 +255,28 @@ def distillation_loss(
         kl_sum += kl.detach().double()
         agree += match.double()
     return DistillOutput(kl_total / n, kl_sum, agree, n)
+
+
+def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """Layer-wise residual-stream matching: mean over layers of ``Σ‖h_s − h_t‖² / Σ‖h_t‖²`` over valid tokens.
+
+    Args:
+        student: per decoder layer, the output hidden states ``[B, T, D]`` (carry grad).
+        teacher: the same for the teacher pass (no grad), one per layer.
+        valid: ``[B, T]`` bool, the tokens that count (padding masked).
+
+    Each layer's squared error is relative to the teacher's own energy at that layer, so layers whose residual
+    stream grows with depth weigh alike; the result is a float32 scalar (0 when the streams agree).
+    """
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"need one teacher state per student layer, got {len(student)} and {len(teacher)}")
+    flat = valid.reshape(-1)
+    terms = []
+    for hs, ht in zip(student, teacher):
+        if hs.shape != ht.shape:
+            raise ValueError(f"layer states differ in shape: {tuple(hs.shape)} and {tuple(ht.shape)}")
+        s = hs.reshape(-1, hs.shape[-1])[flat].float()
+        t = ht.reshape(-1, ht.shape[-1])[flat].detach().float()
+        terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.stack(terms).mean()
+

@@ -1,15 +1,33 @@
 """Layer-streaming conversion of a safetensors checkpoint directory, one decoder layer in memory at a time.
 
 `convert_checkpoint` never builds the whole model: the model skeleton lives on the ``meta`` device, each decoder
-layer's weights are read lazily from the safetensors shards onto the conversion device, converted, written to
-the output as their own shard, and dropped. What lives on the device at once is one layer (its source weights
-and the MLA block replacing it), the calibration hidden states at the current layer boundary, and the float64
-running sums of that layer, so device memory is bounded by one layer, not the model; the float64 factorisation
-itself and the embedding table stay on the CPU. Host memory holds one layer's tensors while they are written.
+layer's weights are read lazily from the safetensors shards (on the CPU, then copied into their device storage),
+converted, written to the output as their own shard, and dropped. Host memory holds one layer's tensors while
+they are written; the embedding table and all float64 linear algebra (factorisation, o_proj least squares) stay
+on the CPU.
+
+What lives on the conversion device, per layer and phase (Llama-3-8B figures: bf16, 32K calibration tokens):
+
+* always: the calibration hidden states at the current layer boundary (``tokens × D``, 268 MB);
+* Gram: the source attention block and ``input_layernorm`` (84 MB; the MLP is not loaded yet) and the float64
+  running Gram ``(D+1)²`` (134 MB), moved to the CPU and freed before the factorisation;
+* o_proj refit: source and converted attention blocks (84 + 97 MB) and the regression sums
+  ``(n_in+1)·(n_in+n_out+1)`` float64 (268 MB), moved to the CPU for the solve and freed;
+* advance: the converted block and the MLP (97 + 352 MB; the source block has been dropped, or, with
+  ``calibration_inputs="original"``, the converted block waits on the CPU instead).
+
+Transients are bounded by chunking: layers run over micro-batches of whole sequences of about ``chunk_tokens``
+tokens (the MLP over at most that many rows), and the accumulators cast and fold at most
+`calibration.ACCUMULATE_ROWS` rows at a time into their sums in place (``addmm_``), so no whole-batch float64 copy
+and no second full-size product exists; weight finiteness is checked slice by slice. Peak device memory is
+therefore the largest phase above plus ~50 MB of activations: 806 MB measured on an H200 for 64 × 512 tokens,
+under the ``1.5 × one layer + calibration buffer`` = 923 MB bound (``bench/convert_scale.py``). Attention needs
+whole sequences, so its activations grow with the sequence length: with 4096-token sequences the peak was 1128 MB.
+``refit_target="model"`` doubles the buffer (it tracks the original stream too).
 
 The result is a converted checkpoint (``config.json`` with the ``transmla`` record, sharded safetensors, the
 tokenizer files) that `transmla_surgery.load_converted` loads and that is bit-identical to converting the whole
-model in memory with ``keep_activations=True``.
+model in memory with ``keep_activations=True`` (same micro-batches, same summation order).
 """
 
 from __future__ import annotations
@@ -64,15 +82,47 @@ class LazyCheckpoint:
         return t if dtype is None else t.to(dtype)
 
 
+# The parts of a decoder layer the attention conversion (Gram, factorisation, o_proj refit) reads; the rest (the
+# MLP, post-attention norm) is loaded only for the advance, once the float64 running sums are gone.
+ATTENTION_PARTS = ("input_layernorm", "self_attn")
+
+
+def _is_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers())
+
+
 def _materialize(module: nn.Module, prefix: str, ckpt: LazyCheckpoint, device: torch.device, dtype: torch.dtype) -> None:
-    """Give a meta-device module real storage on ``device`` and fill every parameter/buffer from the checkpoint."""
+    """Give a meta-device module real storage on ``device`` and fill every parameter/buffer from the checkpoint.
+
+    Tensors are read on the CPU and copied into the allocated storage, so the device never holds a second copy.
+    """
     module.to_empty(device=device)
     with torch.no_grad():
         for name, tensor in module.state_dict(keep_vars=True).items():
-            value = ckpt.get(prefix + name, device)
+            value = ckpt.get(prefix + name, "cpu")
             if tuple(value.shape) != tuple(tensor.shape):
                 raise UnsupportedModelError(f"{prefix + name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(tensor.shape)}")
             tensor.copy_(value.to(dtype) if value.is_floating_point() else value)
+            del value
+
+
+def _materialize_parts(
+    layer: nn.Module, index: int, parts: Iterable[str] | None, ckpt: LazyCheckpoint, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Load the named children of decoder layer ``index`` (``None``: every child still on ``meta``) and check
+    their weights are finite. A layer with parameters of its own is loaded whole."""
+    prefix = f"model.layers.{index}."
+    if any(True for _ in layer.parameters(recurse=False)) or any(True for _ in layer.buffers(recurse=False)):
+        if _is_meta(layer):
+            _materialize(layer, prefix, ckpt, device, dtype)
+            _check_weights_finite_layer(layer, index)
+        return
+    children = dict(layer.named_children())
+    names = [n for n, c in children.items() if _is_meta(c)] if parts is None else [n for n in parts if n in children]
+    for name in names:
+        if _is_meta(children[name]):
+            _materialize(children[name], f"{prefix}{name}.", ckpt, device, dtype)
+            _check_weights_finite_layer(children[name], index, f"{name}.")
 
 
 def _causal_padding_mask(mask: torch.Tensor | None, seq: int, device: torch.device) -> torch.Tensor | None:
@@ -95,6 +145,7 @@ def convert_checkpoint(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    chunk_tokens: int | None = None,
 ) -> ConversionReport:
     """Convert the checkpoint in ``source`` to MLA layer by layer and write the converted checkpoint to ``output``.
 
@@ -107,6 +158,10 @@ def convert_checkpoint(
             ``calibration_inputs="original"``).
         device: where each layer is converted (a GPU: memory bounded by one layer plus calibration buffers).
         dtype: compute and output dtype (default: the checkpoint's ``torch_dtype``, else float32).
+        chunk_tokens: tokens per layer forward over the calibration states (whole sequences, at least one; the
+            MLP sees at most this many rows at a time); default `calibration.CHUNK_TOKENS` (512). Bounds the
+            activation memory; the rounding of the result depends on it (bit-identity with `convert_to_mla`
+            holds at the default, which both use).
 
     Returns:
         The `ConversionReport`, with ``peak_memory_bytes`` the device's peak (CUDA) or the process's peak RSS.
@@ -122,6 +177,8 @@ def convert_checkpoint(
         raise ConfigError("output must differ from source: the source checkpoint is never modified")
     if config.refit_target == "model" and config.calibration_inputs != "converted":
         raise ConfigError("refit_target='model' needs calibration_inputs='converted'")
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ConfigError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     ckpt = LazyCheckpoint(source)
     hf_config = AutoConfig.from_pretrained(source)
     device = torch.device(device)
@@ -160,7 +217,10 @@ def convert_checkpoint(
         })
     del embed
     layers = decoder_layers(model)
-    buffer = LayerInputBuffer.from_states(layers, hidden, masks, kwargs, track_reference=config.refit_target == "model")
+    buffer = LayerInputBuffer.from_states(
+        layers, hidden, masks, kwargs, track_reference=config.refit_target == "model", chunk_tokens=chunk_tokens
+    )
+    del hidden, kwargs, h  # the buffer owns the states (and overwrites them in place as it advances)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -169,11 +229,25 @@ def convert_checkpoint(
         with _progress(progress) as bar:
             task = None if bar is None else bar.add_task("streaming conversion (layers)", total=len(layers))
             for i, layer in enumerate(layers):
-                _materialize(layer, f"model.layers.{i}.", ckpt, device, dtype)
-                _check_weights_finite_layer(layer, i)
+                # Attention and its input norm first: the Gram and the o_proj refit need nothing else.
+                _materialize_parts(layer, i, ATTENTION_PARTS, ckpt, device, dtype)
+                original = layer.self_attn
+
+                def before_advance(layer=layer, i=i, original=original) -> None:
+                    # The float64 sums are gone; load the MLP now, and move off the device whichever attention
+                    # block the advance does not run.
+                    if config.calibration_inputs == "original":
+                        layer.self_attn.to("cpu")  # the converted block waits on the CPU until it is written
+                    elif buffer.reference is None:
+                        original.to("meta")
+                    _materialize_parts(layer, i, None, ckpt, device, dtype)
+
                 report.layers.append(
-                    convert_buffered_layer(i, layer, layer.self_attn, buffer, src, config, hf_config, math_device="cpu")
+                    convert_buffered_layer(i, layer, original, buffer, src, config, hf_config, math_device="cpu",
+                                           before_advance=before_advance)
                 )
+                del original, before_advance  # nothing keeps the source attention alive past its layer
+                _materialize_parts(layer, i, None, ckpt, device, dtype)  # the last layer is never advanced
                 shard = f"model-layer-{i:05d}.safetensors"
                 tensors = {f"model.layers.{i}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
                 save_file(tensors, tmp / shard, metadata={"format": "pt"})
@@ -211,7 +285,17 @@ def convert_checkpoint(
     return report
 
 
-def _check_weights_finite_layer(layer: nn.Module, index: int) -> None:
+def _check_weights_finite_layer(layer: nn.Module, index: int, prefix: str = "") -> None:
     for name, p in layer.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise UnsupportedModelError(f"layer {index} {name} holds NaN or Inf; refusing to convert")
+        if p.is_floating_point() and not _all_finite(p):
+            raise UnsupportedModelError(f"layer {index} {prefix}{name} holds NaN or Inf; refusing to convert")
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """``torch.isfinite(t).all()`` a slice at a time: on a whole MLP weight, ``isfinite`` allocates about twice
+    the weight (``abs`` and boolean temporaries), which would be the streaming peak."""
+    flat = t.detach().reshape(-1)
+    ok = torch.ones((), dtype=torch.bool, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        ok &= torch.isfinite(flat[start : start + chunk]).all()
+    return bool(ok)

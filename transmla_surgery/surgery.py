@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import Any
 
@@ -211,8 +211,10 @@ def convert_layer(
     weight = original.q_proj.weight
     math_device = weight.device if math_device is None else torch.device(math_device)
     geometry = mla_geometry(src, config)
+    sigma = acc.second_moment(math_device)
+    acc.release()  # the running sum (on the block's device) is not needed once its moment is on math_device
     weights = factorize_layer(
-        acc.second_moment().to(math_device),
+        sigma,
         src,
         source_weights(original, math_device),
         kv_lora_rank=config.kv_lora_rank,
@@ -227,7 +229,7 @@ def convert_layer(
     )
     block = build_mla_block(geometry, index, host_config, weights.tensors, dtype=weight.dtype, device=weight.device)
     if config.refit_output:
-        refit_output_projection(block, original, visit, src.o_bias)
+        refit_output_projection(block, original, visit, src.o_bias, math_device=math_device)
     block.train(original.training)
     row = LayerReport(
         layer=index,
@@ -250,24 +252,42 @@ def convert_buffered_layer(
     config: MLAConfig,
     host_config: Any,
     math_device: torch.device | str | None = None,
+    before_advance: Callable[[], None] | None = None,
 ) -> LayerReport:
-    """Convert one decoder layer from buffered hidden states, swap the block in, and advance the buffer."""
+    """Convert one decoder layer from buffered hidden states, swap the block in, and advance the buffer.
+
+    Order: attention-input Gram, factorisation and ``o_proj`` refit (all on layer ``index``'s inputs), then the
+    advance, which is the only step that runs the whole layer (MLP included): ``before_advance`` is called just
+    before it, so that streaming conversion can load the MLP weights only then. With
+    ``calibration_inputs="original"`` the buffer is advanced through the original attention block.
+    """
     last = index + 1 == len(buffer.layers)
     acc = buffer.attention_gram(index)
-    if config.calibration_inputs == "original" and not last:
-        buffer.advance(index)  # the next layer sees what the original layer computes
     if config.refit_target == "model":
         visit = lambda fn: buffer.visit_with_reference(index, original, fn)  # noqa: E731
     else:
         visit = lambda fn: buffer.visit(index, fn)  # noqa: E731
     layer.self_attn, row = convert_layer(index, original, acc, visit, src, config, host_config, math_device)
-    if config.calibration_inputs == "converted" and not last:
-        buffer.advance(index, original)  # the next layer sees what this layer computes once converted
+    del acc
+    if not last:
+        if before_advance is not None:
+            before_advance()
+        if config.calibration_inputs == "original":
+            buffer.advance(index, attention=original)  # the next layer sees what the original layer computes
+        else:
+            buffer.advance(index, original)  # the next layer sees what this layer computes once converted
     return row
 
 
 @torch.no_grad()
-def refit_output_projection(block: MLAAttention, original: nn.Module, visit, has_bias: bool, ridge: float = 1e-3) -> None:
+def refit_output_projection(
+    block: MLAAttention,
+    original: nn.Module,
+    visit,
+    has_bias: bool,
+    ridge: float = 1e-3,
+    math_device: torch.device | str | None = None,
+) -> None:
     """Refit ``block.o_proj`` by least squares so the block's output matches the source block's on the same
     calibration inputs (running float64 sums, no stored activations).
 
@@ -276,6 +296,8 @@ def refit_output_projection(block: MLAAttention, original: nn.Module, visit, has
     map from ``a`` to the source's output recovers what a linear map can. At full rank of an exact conversion
     it returns ``W_O`` itself. ``visit`` hands each batch's attention input to a callback (and, for
     ``refit_target="model"``, the output that would bring the converted stream back to the original one).
+    The sums accumulate on the block's device; the solve runs on ``math_device`` (default: the block's device),
+    the device copies of the sums being freed first.
     """
     hidden = block.o_proj.out_features
     acc = RegressionAccumulator(block.o_proj.in_features, hidden, block.o_proj.weight.device)
@@ -296,10 +318,14 @@ def refit_output_projection(block: MLAAttention, original: nn.Module, visit, has
         handle.remove()
         block.train(modes[0])
         original.train(modes[1])
-    prior = block.o_proj.weight.detach().double()
+    math_device = block.o_proj.weight.device if math_device is None else torch.device(math_device)
+    inputs, cross = acc.inputs.to(math_device), acc.cross.to(math_device)
+    acc.inputs = acc.cross = None  # frees the device sums when the solve runs elsewhere
+    prior = block.o_proj.weight.detach().to(math_device, torch.float64)
     if has_bias:
-        prior = torch.cat([prior, block.o_proj.bias.detach().double()[:, None]], dim=1)
-    w = least_squares_map(acc.inputs, acc.cross, prior, bias=has_bias, ridge=ridge)
+        prior = torch.cat([prior, block.o_proj.bias.detach().to(math_device, torch.float64)[:, None]], dim=1)
+    w = least_squares_map(inputs, cross, prior, bias=has_bias, ridge=ridge)
+    del inputs, cross, prior
     if not bool(torch.isfinite(w).all()):
         raise CalibrationError("output-projection refit produced non-finite weights")
     if has_bias:

@@ -237,6 +237,24 @@ class CausalLM(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        """Under FSDP, clip by norm with FSDP's own ``clip_grad_norm_`` (the norm over every process's gradient
+        shard), which Lightning's FSDP precision plugin leaves to the module; elsewhere Lightning's clipping."""
+        strategy = self.trainer.strategy
+        algorithm = str(gradient_clip_algorithm or "norm").lower()
+        if gradient_clip_val and _is_fsdp(strategy) and algorithm == "norm":
+            strategy.model.clip_grad_norm_(float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def _is_fsdp(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(strategy, FSDPStrategy) and isinstance(strategy.model, FullyShardedDataParallel)
+
 
 # ============================================================================================== data
 class _Rows(Dataset):
@@ -463,6 +481,7 @@ class Export(MLAExport):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.resolve(trainer.default_root_dir)  # fail now, not after training
+        super().setup(trainer, pl_module, stage)
 
 
 class RunMonitor(Callback):
@@ -483,6 +502,7 @@ class RunMonitor(Callback):
         self.steps: list[dict[str, float]] = []
         self.validations: list[dict[str, float]] = []
         self._model: Optional[nn.Module] = None
+        self._pending_start = False
 
     @staticmethod
     def _rank(model: nn.Module) -> Optional[int]:
@@ -509,15 +529,31 @@ class RunMonitor(Callback):
             self.original_perplexity = perplexity(self._model, rows, getattr(trainer.datamodule, "batch_size", 4))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = getattr(pl_module, "model", pl_module)
-        self._model = model
+        self._model = getattr(pl_module, "model", pl_module)
+        self._pending_start = True
+        if not trainer.strategy.restore_checkpoint_after_setup:  # the checkpoint (if any) is loaded by now
+            self._record_start(trainer)
+
+    def _record_start(self, trainer: L.Trainer) -> None:
+        self._pending_start = False
+        model = self._model
         self.start_rank = self._rank(model)
         rows = self._rows(trainer)
         if self.eval_at_start and rows is not None:
-            self.start_perplexity = perplexity(model, rows, getattr(trainer.datamodule, "batch_size", 4))
+            # Under FSDP the model is sharded: every process runs it through the wrapped LightningModule (whose
+            # forward, CausalLM's, returns the transformers output), which gathers each layer as it goes.
+            runner = trainer.strategy.model if _is_fsdp(trainer.strategy) else model
+            self.start_perplexity = perplexity(runner, rows, getattr(trainer.datamodule, "batch_size", 4))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_step = trainer.global_step  # the loops' state (a resumed step count) is restored by now
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # FSDP restores a checkpoint after on_fit_start, and GradualRankReduction applies its saved rank in
+        # on_train_start: the start figures are taken before the first batch (and before this batch's rank cut,
+        # as this callback comes before the others).
+        if getattr(self, "_pending_start", False):
+            self._record_start(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
