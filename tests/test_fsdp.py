@@ -78,17 +78,20 @@ def fit(strategy, devices: int, cbs: list, ckpt_path=None, **kw):
     return trainer, module
 
 
-def _worker(out: Path, state_dict_type: str) -> None:
+def _worker(out: Path, mode: str) -> None:
+    """``mode``: the checkpoints' ``state_dict_type``, optionally ``+SHARDING_STRATEGY``."""
     import warnings
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    state_dict_type, _, sharding = mode.partition("+")
+    kw = {"state_dict_type": state_dict_type, **({"sharding_strategy": sharding} if sharding else {})}
     results = {}
     # 1. uninterrupted, exported
     cbs = callbacks(out / "export_whole")
-    trainer, module = fit(cpu_fsdp_strategy(state_dict_type=state_dict_type), 2, cbs)
+    trainer, module = fit(cpu_fsdp_strategy(**kw), 2, cbs)
     export = cbs[3]
     if trainer.is_global_zero:
         results["whole"] = {"state": export.model.state_dict(), "metrics": cbs[-1].metrics,
@@ -99,20 +102,20 @@ def _worker(out: Path, state_dict_type: str) -> None:
     # 2. interrupted after step 3, checkpointed
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=3, save_top_k=-1)
     cbs = callbacks(None)
-    trainer, _ = fit(cpu_fsdp_strategy(state_dict_type=state_dict_type), 2, cbs + [StopAt(3), ckpt],
+    trainer, _ = fit(cpu_fsdp_strategy(**kw), 2, cbs + [StopAt(3), ckpt],
                      enable_checkpointing=True)
     if trainer.is_global_zero:
         results["first"] = {"metrics": cbs[-1].metrics}
     # 3. resumed in a new Trainer: MLASurgery builds the empty MLA structure, the checkpoint fills it
     cbs = callbacks(out / "export_resumed", calibrate=False)
-    trainer, module = fit(cpu_fsdp_strategy(state_dict_type=state_dict_type), 2, cbs,
+    trainer, module = fit(cpu_fsdp_strategy(**kw), 2, cbs,
                           ckpt_path=out / "ckpt" / "epoch=0-step=3.ckpt")
     if trainer.is_global_zero:
         results["resumed"] = {"state": cbs[3].model.state_dict(), "metrics": cbs[-1].metrics,
                               "global_step": trainer.global_step}
     # 4. the recipes' CausalLM: gradient clipping by norm (Lightning's FSDP plugin refuses it; CausalLM clips
     # with FSDP's own clip_grad_norm_) and a plain FSDPStrategy the callbacks complete
-    if state_dict_type == "full":
+    if mode == "full":
         import lightning.pytorch as L
 
         from transmla_surgery.callbacks import Distillation, MLASurgery
@@ -141,11 +144,11 @@ def _worker(out: Path, state_dict_type: str) -> None:
         torch.save(results, out / "results.pt")
 
 
-def _run_worker(tmp_path: Path, state_dict_type: str) -> dict:
+def _run_worker(tmp_path: Path, mode: str) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path), state_dict_type], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path), mode], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(tmp_path / "results.pt", weights_only=False)
@@ -163,11 +166,14 @@ def _close(want: dict, got: dict, rtol: float = 1e-5, atol: float = 1e-6) -> Non
         torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("state_dict_type", ["full", "sharded"])
-def test_fsdp_fit_resume_and_export_match_one_process(tmp_path, state_dict_type):
+@pytest.mark.parametrize("mode", ["full", "sharded", "full+SHARD_GRAD_OP"])
+def test_fsdp_fit_resume_and_export_match_one_process(tmp_path, mode):
+    """``mode``: checkpoint ``state_dict_type`` [+ FSDP ``sharding_strategy``; SHARD_GRAD_OP keeps the gathered
+    weights from forward to backward, so the rank cuts then meet unsharded views]."""
     from safetensors.torch import load_file
 
-    res = _run_worker(tmp_path, state_dict_type)
+    state_dict_type = mode.partition("+")[0]
+    res = _run_worker(tmp_path, mode)
     single_state, single_metrics = _single_reference(tmp_path)
 
     # wrapped as MLASurgery asked: each decoder layer and each MLA block an FSDP unit of its own
@@ -207,7 +213,7 @@ def test_fsdp_fit_resume_and_export_match_one_process(tmp_path, state_dict_type)
     assert [m["mla/rank"] for m in resumed["metrics"]] == [m["mla/rank"] for m in whole["metrics"][3:]]
     assert [m["distill/kl"] for m in res["first"]["metrics"]] == [m["distill/kl"] for m in whole["metrics"][:3]]
     _close(whole["state"], resumed["state"])
-    if state_dict_type == "full":  # CausalLM (clipping by norm) and RunMonitor (perplexity of the sharded model)
+    if mode == "full":  # CausalLM (clipping by norm) and RunMonitor (perplexity of the sharded model)
         lm = res["causal_lm"]
         assert len(lm["losses"]) == 2 and all(math.isfinite(x) for x in lm["losses"])
         from transmla_surgery.data import perplexity
