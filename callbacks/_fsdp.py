@@ -50,6 +50,18 @@ def sharded_root(trainer: pl.Trainer) -> nn.Module | None:
     return root if isinstance(root, FSDP) else None
 
 
+def check_options(trainer: pl.Trainer) -> None:
+    """Refuse FSDPStrategy options the callbacks cannot work with; `MLASurgery` calls it before converting, so a
+    refusal leaves the model as it was."""
+    strategy = fsdp_strategy(trainer)
+    if strategy is not None and not strategy.kwargs.get("use_orig_params", True):
+        raise ConfigError(
+            "FSDPStrategy(use_orig_params=False) is not supported by the transmla callbacks: they train, mask and "
+            "export the original parameters (and train='attention' mixes frozen and trainable ones in one layer); "
+            "leave use_orig_params at its default (True)"
+        )
+
+
 def configure(trainer: pl.Trainer, model: nn.Module, *, train: str) -> None:
     """Check and complete the FSDPStrategy options for a converted ``model`` (before the strategy wraps it).
 
@@ -68,13 +80,8 @@ def configure(trainer: pl.Trainer, model: nn.Module, *, train: str) -> None:
 
     if any(isinstance(m, FSDP) for m in model.modules()):
         return  # wrapped in configure_model by the user: their policy holds
+    check_options(trainer)
     kwargs = strategy.kwargs
-    if not kwargs.get("use_orig_params", True):
-        raise ConfigError(
-            "FSDPStrategy(use_orig_params=False) is not supported by the transmla callbacks: they train, mask and "
-            "export the original parameters (and train='attention' mixes frozen and trainable ones in one layer); "
-            "leave use_orig_params at its default (True)"
-        )
     if "auto_wrap_policy" not in kwargs:
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 

@@ -160,6 +160,7 @@ class MLASurgery(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model = find_model(pl_module, self.model_attr)
+        _fsdp.check_options(trainer)  # a strategy the callbacks refuse is refused before the model changes
         if is_converted(model):  # a later fit/validate on the same module: nothing to convert again
             self._freeze(model)
             _fsdp.configure(trainer, model, train=self.train)

@@ -252,6 +252,17 @@ def test_fsdp_options_are_completed_or_refused_before_wrapping():
 
     with pytest.raises(ConfigError, match="use_orig_params"):
         configure(_fake_trainer(FSDPStrategy(use_orig_params=False)), model, train="attention")
+    # refused by MLASurgery before it converts: the model stays as it was
+    from transmla_surgery.callbacks import MLASurgery
+
+    fresh = tiny_llama()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    holder = LM(fresh)
+    with pytest.raises(ConfigError, match="use_orig_params"):
+        MLASurgery(CONFIG, calibration()).setup(_fake_trainer(FSDPStrategy(use_orig_params=False)), holder, "fit")
+    assert not any(isinstance(layer.self_attn, MLAAttention) for layer in fresh.model.layers)
+    after = fresh.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ConfigError, match="reorder=True"):
         GradualRankReduction(8, reorder=True).setup(_fake_trainer(FSDPStrategy()), None, "fit")
     with pytest.raises(ConfigError, match="state_dict_type='full'"):

@@ -68,6 +68,14 @@ def test_streaming_refuses_an_existing_output_and_leaves_nothing_on_failure(tmp_
         convert_checkpoint(tmp_path / "src", tmp_path / "new", MLAConfig(kv_lora_rank=8, qk_rope_head_dim=8),
                            calibration(), device="cpu", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    monkeypatch.undo()
+    from transmla_surgery.errors import ConfigError
+
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ConfigError, match="chunk_tokens must be a positive int"):
+            convert_checkpoint(tmp_path / "src", tmp_path / "new", MLAConfig(kv_lora_rank=8, qk_rope_head_dim=8),
+                               calibration(), device="cpu", progress=False, chunk_tokens=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_streaming_with_small_chunks_equals_whole_model_with_the_same_chunks(tmp_path, monkeypatch):
