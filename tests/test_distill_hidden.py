@@ -86,3 +86,21 @@ def test_hidden_loss_is_zero_for_an_identical_copied_teacher_and_training_on_it_
 def test_hidden_weight_must_be_a_non_negative_number():
     with pytest.raises(ConfigError, match="hidden_weight"):
         Distillation(hidden_weight=-1.0)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_hidden_loss_under_activation_checkpointing_equals_the_plain_run(reentrant):
+    """Checkpointed layers re-run their forward in backward: only the training forward's outputs are recorded."""
+    losses = {}
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        record = Record()
+        trainer([MLASurgery(CONFIG, calibration(), train="attention"),
+                 Distillation(weight=1.0, loss_weight=0.0, hidden_weight=1.0), record],
+                max_steps=3).fit(LM(model), loader(rows(12)))
+        losses[checkpointing] = [m["distill/hidden"] for m in record.metrics]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert losses[True][-1] != losses[True][0]  # it trained
