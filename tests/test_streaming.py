@@ -156,7 +156,7 @@ def test_streaming_keeps_only_what_each_phase_needs_on_the_device(tmp_path, monk
 
 
 def test_weight_finiteness_is_checked_slice_by_slice_without_missing_any_element():
-    from transmla_surgery.streaming import _all_finite
+    from transmla_surgery.surgery import _all_finite
 
     t = torch.randn(7, 5)
     assert _all_finite(t, chunk=3)

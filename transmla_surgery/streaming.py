@@ -51,7 +51,7 @@ from .calibration import LayerInputBuffer, materialize
 from .config import MLAConfig
 from .errors import ConfigError, UnsupportedModelError
 from .report import ConversionReport
-from .surgery import _progress, convert_buffered_layer, record_conversion, resolved_config
+from .surgery import _all_finite, _progress, convert_buffered_layer, record_conversion, resolved_config
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
@@ -289,13 +289,3 @@ def _check_weights_finite_layer(layer: nn.Module, index: int, prefix: str = "") 
     for name, p in layer.named_parameters():
         if p.is_floating_point() and not _all_finite(p):
             raise UnsupportedModelError(f"layer {index} {prefix}{name} holds NaN or Inf; refusing to convert")
-
-
-def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
-    """``torch.isfinite(t).all()`` a slice at a time: on a whole MLP weight, ``isfinite`` allocates about twice
-    the weight (``abs`` and boolean temporaries), which would be the streaming peak."""
-    flat = t.detach().reshape(-1)
-    ok = torch.ones((), dtype=torch.bool, device=flat.device)
-    for start in range(0, flat.numel(), chunk):
-        ok &= torch.isfinite(flat[start : start + chunk]).all()
-    return bool(ok)

@@ -60,6 +60,16 @@ def mla_geometry(src: SourceAttention, config: MLAConfig) -> MLAGeometry:
     )
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """``torch.isfinite(t).all()`` a slice at a time: on a whole MLP weight, ``isfinite`` allocates about twice
+    the weight (``abs`` and boolean temporaries), which would be the streaming conversion's peak."""
+    flat = t.detach().reshape(-1)
+    ok = torch.ones((), dtype=torch.bool, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        ok &= torch.isfinite(flat[start : start + chunk]).all()
+    return bool(ok)
+
+
 def _check_weights_finite(model: nn.Module) -> None:
     for i, layer in enumerate(decoder_layers(model)):
         for name, p in layer.self_attn.named_parameters():
@@ -70,10 +80,10 @@ def _check_weights_finite(model: nn.Module) -> None:
                 )
             if p.is_meta:
                 raise UnsupportedModelError(f"layer {i} self_attn.{name} is on the 'meta' device (no data); load the weights first")
-            if not bool(torch.isfinite(p).all()):
+            if not _all_finite(p):
                 raise UnsupportedModelError(f"layer {i} self_attn.{name} holds NaN or Inf; refusing to convert")
         norm = getattr(layer.input_layernorm, "weight", None)
-        if norm is not None and not bool(torch.isfinite(norm).all()):
+        if norm is not None and not _all_finite(norm):
             raise UnsupportedModelError(f"layer {i} input_layernorm.weight holds NaN or Inf; refusing to convert")
 
 

@@ -613,6 +613,15 @@ class RunMonitor(Callback):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         written = []
+
+        def save(fig, ax, name: str, ylabel: str, what: str) -> None:
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{title}{what}".strip())
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=110)
+            written.append(out / name)
+
         steps = [r["step"] for r in self.steps]
         fig, ax = plt.subplots(figsize=(7, 4))
         drawn = False
@@ -626,13 +635,8 @@ class RunMonitor(Callback):
                 ax.plot(*zip(*pts), label=label, lw=1.2)
                 drawn = True
         if drawn:
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel("nats / token")
             ax.legend()
-            ax.set_title(f"{title}training loss".strip())
-            fig.tight_layout()
-            fig.savefig(out / "loss.png", dpi=110)
-            written.append(out / "loss.png")
+            save(fig, ax, "loss.png", "nats / token", "training loss")
         plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -652,24 +656,14 @@ class RunMonitor(Callback):
             ax2.tick_params(axis="y", colors="tab:purple")
         if original_perplexity is not None:
             ax.axhline(original_perplexity, color="tab:green", ls="--", label=f"original model ({original_perplexity:.2f})")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("held-out perplexity")
         ax.legend()
-        ax.set_title(f"{title}held-out perplexity".strip())
-        fig.tight_layout()
-        fig.savefig(out / "perplexity.png", dpi=110)
-        written.append(out / "perplexity.png")
+        save(fig, ax, "perplexity.png", "held-out perplexity", "held-out perplexity")
         plt.close(fig)
 
         if rank_pts:
             fig, ax = plt.subplots(figsize=(7, 4))
             ax.step(*zip(*rank_pts), where="post", color="tab:purple")
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel("active latent rank (kv_lora_rank)")
-            ax.set_title(f"{title}latent rank".strip())
-            fig.tight_layout()
-            fig.savefig(out / "rank.png", dpi=110)
-            written.append(out / "rank.png")
+            save(fig, ax, "rank.png", "active latent rank (kv_lora_rank)", "latent rank")
             plt.close(fig)
         return written
 
