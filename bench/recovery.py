@@ -66,6 +66,14 @@ RUNS = {
     # ablations (not in the default set): gradual without energy re-ordering; distillation of every weight
     "c_gradual_distill_no_reorder": {"rank": 160, "distill": True, "gradual": True, "reorder": False},
     "a_oneshot_distill_all_weights": {"rank": 64, "distill": True, "gradual": False, "train": "all"},
+    "c_gradual_distill_all_weights": {"rank": 160, "distill": True, "gradual": True, "reorder": False, "train": "all"},
+    # softer teacher targets (KL at temperature 2, scaled by T²)
+    "c_gradual_distill_t2": {"rank": 160, "distill": True, "gradual": True, "reorder": False, "temperature": 2.0},
+    # only the latent path trains (down-projection, its norm, up-projection); queries and output stay as converted
+    "c_gradual_distill_latent": {"rank": 160, "distill": True, "gradual": True, "reorder": False,
+                                 "only": ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")},
+    "c_gradual_distill_latent_t2": {"rank": 160, "distill": True, "gradual": True, "reorder": False, "temperature": 2.0,
+                                    "only": ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")},
     # layer-wise residual-stream matching beside the KL (`Distillation(hidden_weight=...)`)
     "a_oneshot_distill_hidden": {"rank": 64, "distill": True, "gradual": False, "hidden": 1.0},
     "c_gradual_distill_hidden": {"rank": 160, "distill": True, "gradual": True, "reorder": False, "hidden": 1.0},
@@ -100,6 +108,21 @@ class CausalLM(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class OnlyTrain(Callback):
+    """Bench ablation: after `MLASurgery` has frozen all but attention, freeze every parameter whose name contains
+    none of ``patterns`` (before the optimizer is built, so it holds only the rest)."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self.patterns = patterns
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        for name, p in pl_module.named_parameters():
+            if not any(k in name for k in self.patterns):
+                p.requires_grad_(False)
+        if not any(p.requires_grad for p in pl_module.parameters()):
+            raise RuntimeError(f"OnlyTrain{self.patterns}: no parameter left to train")
 
 
 class History(Callback):
@@ -158,11 +181,13 @@ def run(name: str, spec: dict, original: torch.nn.Module, *, calib: list[torch.T
     history = History(eval_rows, args.eval_every, args.eval_batch)
     callbacks: list[Callback] = [MLASurgery(MLAConfig(kv_lora_rank=spec["rank"], qk_rope_head_dim=ROPE), calib,
                                             train=spec.get("train", "attention"), keep_activations=True)]
+    if spec.get("only"):
+        callbacks.append(OnlyTrain(tuple(spec["only"])))
     if spec["gradual"]:
         callbacks.append(GradualRankReduction(TARGET, schedule="linear", end=args.gradual_end, multiple_of=8,
                                               reorder=spec.get("reorder", True)))
     if spec["distill"]:
-        callbacks.append(Distillation(weight=1.0, loss_weight=0.0, temperature=1.0, chunk_size=args.chunk,
+        callbacks.append(Distillation(weight=1.0, loss_weight=0.0, temperature=spec.get("temperature", 1.0), chunk_size=args.chunk,
                                       hidden_weight=spec.get("hidden", 0.0)))
     callbacks.append(history)
     trainer = L.Trainer(
@@ -457,6 +482,9 @@ def _plot(results: dict, path: Path) -> None:
         ax2.plot([e["step"] for e in r["evals"]], [e["ppl"] for e in r["evals"]], marker="o", ms=3, label=name)
     ax1.set(xlabel="optimizer step", ylabel="next-token loss on training books", title="training loss")
     ax2.axhline(results["ppl_original"], color="k", ls="--", lw=1, label=f"original ({results['ppl_original']:.1f})")
+    if results.get("ppl_converted_75"):  # half of the log-perplexity gap closed: the geometric mean
+        half = math.sqrt(results["ppl_converted_75"] * results["ppl_original"])
+        ax2.axhline(half, color="k", ls=":", lw=1, label=f"half the log gap closed ({half:.1f})")
     ax2.set(xlabel="optimizer step", ylabel="WikiText-2 perplexity (40 × 512)", yscale="log",
             title="SmolLM2-135M at 75% KV compression: recovery")
     for ax in (ax1, ax2):

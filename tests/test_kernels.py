@@ -43,6 +43,11 @@ from transmla_surgery.kernels.mla_decode import KernelConfig, choose_num_splits,
 
 SMALL = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1)
 SMALL_T = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1, transposed=True)  # token-major variant
+# tensor-descriptor (TMA) tiles, both layouts; the head-major one with its row block padded past the rows
+SMALL_TMA = KernelConfig(block_n=16, block_h=16, min_block_h=32, num_warps=4, num_stages=2, tma=True)
+SMALL_T_TMA = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=2, transposed=True, tma=True)
+CONFIGS = [SMALL, SMALL_T, SMALL_TMA, SMALL_T_TMA]
+CONFIG_IDS = ["head_major", "token_major", "head_major_tma", "token_major_tma"]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
@@ -68,7 +73,7 @@ def _err(out, ref) -> float:
 
 
 @in_process
-@pytest.mark.parametrize("cfg", [SMALL, SMALL_T], ids=["head_major", "token_major"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [1, 3, None])
 def test_single_token_no_mask(dtype, splits, cfg):
@@ -78,7 +83,7 @@ def test_single_token_no_mask(dtype, splits, cfg):
 
 
 @in_process
-@pytest.mark.parametrize("cfg", [SMALL, SMALL_T], ids=["head_major", "token_major"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
 def test_several_tokens_causal_odd_sizes(cfg):
     """T = 3 query tokens (causal, aligned at the end), 5 heads (15 rows: a partial head block), r = 24 and
     d_rope = 8 (not powers of two: padded blocks with masked channels)."""
@@ -95,7 +100,7 @@ def test_many_heads_span_several_head_blocks():
 
 
 @in_process
-@pytest.mark.parametrize("cfg", [SMALL, SMALL_T], ids=["head_major", "token_major"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_padding_masks(kind, cfg):
     """Left padding and holes, per batch row and query token; masks broadcast over heads."""
@@ -112,7 +117,7 @@ def test_padding_masks(kind, cfg):
 
 
 @in_process
-@pytest.mark.parametrize("cfg", [SMALL, SMALL_T], ids=["head_major", "token_major"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
 def test_length_bound_never_reads_past_the_filled_part(cfg):
     """A static cache: positions at and past each row's filled length hold NaN and are masked; the kernel,
     bounded by the length tensor, must not read them (0 · NaN would poison the output)."""
@@ -178,3 +183,50 @@ def test_triton_backend_inside_a_converted_model():
         set_decode_backend("auto")
         mla_decode.DEFAULT_CONFIG = old
     assert rel_err(logits["triton"], logits["torch"]) < 1e-5
+
+
+@in_process
+@pytest.mark.parametrize("transposed", [False, True], ids=["head_major", "token_major"])
+def test_tma_two_column_blocks_and_unaligned_fallback(transposed):
+    """r = 300 spans two 256-wide descriptor blocks, the second partly outside the latent (zero-filled by the
+    descriptor). In float32 the rows are 16-byte aligned and the descriptor kernel runs; in float16 a 364-wide
+    row is not (728 bytes), so the same call must take the pointer kernel and still be right."""
+    from transmla_surgery.kernels.mla_decode import _tma_fits
+
+    cfg = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=2, transposed=transposed, tma=True)
+    for dtype, fits in ((torch.float32, True), (torch.float16, False)):
+        q_lat, q_rope, lat, kr, _ = _inputs(2, 1, 4, 300, 64, 50, dtype, seed=7)
+        assert _tma_fits(lat, kr) is fits
+        out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.05, num_splits=3, config=cfg)
+        assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.05)) < TOL[dtype]
+
+
+@in_process
+def test_out_of_shared_memory_falls_back_one_stage_at_a_time(monkeypatch):
+    """The default's third stage needs ~221 KiB of shared memory (Hopper); a GPU with less must get the same tiles
+    with two stages, not jump to the small fallback tiles."""
+    from triton.runtime.errors import OutOfResources
+
+    from transmla_surgery.kernels import mla_decode as md
+
+    real = md._kernels(md._interpreting())
+    launched = []
+
+    class Limited:  # a stage-1 kernel whose launches need more than 2 stages' worth of shared memory fail
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["BLOCK_N"], kwargs["num_stages"]))
+                if kwargs["num_stages"] > 2:
+                    raise OutOfResources(232448, 232448, "shared memory")
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(md, "_kernels", lambda interpret: (Limited(real[0]), Limited(real[1]), real[2], Limited(real[3])))
+    q_lat, q_rope, lat, kr, _ = _inputs(1, 1, 4, 32, 16, 70, torch.float16, seed=8)
+    cfg = KernelConfig(block_n=32, block_h=16, num_warps=4, num_stages=4)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=2, config=cfg)
+    assert launched == [(32, 4), (32, 3), (32, 2)]
+    assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.1)) < TOL[torch.float16]
