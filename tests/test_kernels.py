@@ -230,3 +230,35 @@ def test_out_of_shared_memory_falls_back_one_stage_at_a_time(monkeypatch):
     out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=2, config=cfg)
     assert launched == [(32, 4), (32, 3), (32, 2)]
     assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.1)) < TOL[torch.float16]
+
+
+@in_process
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_strided_query_views_are_read_in_place(cfg):
+    """Queries that are column slices of wider tensors (row stride != width): the kernel reads both parts through
+    their own strides (no concatenated copy) and must not mix their rows up."""
+    b, t, h, r, dr, s = 2, 2, 3, 32, 16, 33
+    g = torch.Generator().manual_seed(9)
+    wide_l = torch.randn(b, t, h, r + 5, generator=g).to(DEVICE)
+    wide_r = torch.randn(b, t, h, dr + 3, generator=g).to(DEVICE)
+    q_lat, q_rope = wide_l[..., 2:2 + r], wide_r[..., :dr]
+    _, _, lat, kr, _ = _inputs(b, t, h, r, dr, s, torch.float32, seed=10)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=2, config=cfg)
+    assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.1)) < 1e-5
+
+
+@in_process
+def test_custom_op_fake_matches_the_kernel():
+    """The `torch.compile` route (`transmla::mla_decode`): its fake implementation must give the real output's
+    shape, dtype and strides (head-major storage), or inductor would plan the wrong layout."""
+    from transmla_surgery.kernels.mla_decode import mla_decode_op
+
+    if mla_decode_op is None:
+        pytest.skip("torch.library.custom_op unavailable")
+    q_lat, q_rope, lat, kr, _ = _inputs(2, 1, 4, 32, 16, 24, torch.float32, seed=11)
+    torch.library.opcheck(mla_decode_op, (q_lat, q_rope, lat, kr, 0.1, None, None),
+                          test_utils=("test_schema", "test_faketensor"))
+    out = mla_decode_op(q_lat, q_rope, lat, kr, 0.1, None, None)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = mla_decode_op(*(mode.from_tensor(x) for x in (q_lat, q_rope, lat, kr)), 0.1, None, None)
+    assert fake.shape == out.shape and fake.stride() == out.stride() and fake.dtype == out.dtype

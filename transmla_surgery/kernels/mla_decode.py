@@ -80,8 +80,8 @@ SAFE_CONFIG = KernelConfig(block_n=16, num_warps=4, num_stages=2)
 
 
 def _stage1_fn(
-    Q, C, KR, Mask, Len, O_part, Lse,
-    stride_qb, stride_qm,
+    QL, QR, C, KR, Mask, Len, O_part, Lse,
+    stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
     stride_cb, stride_cs,
     stride_rb, stride_rs,
     stride_mb, stride_mt, stride_ms,
@@ -105,9 +105,11 @@ def _stage1_fn(
     dl_ok = dl < DL
     dr_ok = dr < DR
 
-    q_base = Q + b * stride_qb + rows[:, None] * stride_qm
-    q_l = tl.load(q_base + dl[None, :], mask=row_ok[:, None] & dl_ok[None, :], other=0.0)
-    q_r = tl.load(q_base + DL + dr[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0)
+    h_row = rows - t_row * H
+    ql_off = t_row * stride_qlt + h_row * stride_qlh  # rows address [token, head] through both strides: no copy
+    qr_off = t_row * stride_qrt + h_row * stride_qrh
+    q_l = tl.load(QL + b * stride_qlb + ql_off[:, None] + dl[None, :], mask=row_ok[:, None] & dl_ok[None, :], other=0.0)
+    q_r = tl.load(QR + b * stride_qrb + qr_off[:, None] + dr[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0)
 
     kv_len = S
     if HAS_LEN:
@@ -171,8 +173,8 @@ def _stage1_fn(
 
 
 def _stage1_t_fn(
-    Q, C, KR, Mask, Len, O_part, Lse,
-    stride_qb, stride_qm,
+    QL, QR, C, KR, Mask, Len, O_part, Lse,
+    stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
     stride_cb, stride_cs,
     stride_rb, stride_rs,
     stride_mb, stride_mt, stride_ms,
@@ -200,9 +202,11 @@ def _stage1_t_fn(
     dl_ok = dl < DL
     dr_ok = dr < DR
 
-    q_base = Q + b * stride_qb + rows[None, :] * stride_qm
-    q_lt = tl.load(q_base + dl[:, None], mask=dl_ok[:, None] & row_ok[None, :], other=0.0)  # [BLOCK_DL, BLOCK_H]
-    q_rt = tl.load(q_base + DL + dr[:, None], mask=dr_ok[:, None] & row_ok[None, :], other=0.0)
+    h_row = rows - t_row * H
+    ql_off = t_row * stride_qlt + h_row * stride_qlh
+    qr_off = t_row * stride_qrt + h_row * stride_qrh
+    q_lt = tl.load(QL + b * stride_qlb + ql_off[None, :] + dl[:, None], mask=dl_ok[:, None] & row_ok[None, :], other=0.0)  # [BLOCK_DL, BLOCK_H]
+    q_rt = tl.load(QR + b * stride_qrb + qr_off[None, :] + dr[:, None], mask=dr_ok[:, None] & row_ok[None, :], other=0.0)
 
     kv_len = S
     if HAS_LEN:
@@ -264,8 +268,8 @@ def _stage1_t_fn(
 
 
 def _stage1_tma_fn(
-    Q, C, KR, Mask, Len, O_part, Lse,
-    stride_qb, stride_qm,
+    QL, QR, C, KR, Mask, Len, O_part, Lse,
+    stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
     stride_cb, stride_cs,
     stride_rb, stride_rs,
     stride_mb, stride_mt, stride_ms,
@@ -293,7 +297,11 @@ def _stage1_tma_fn(
     t_row = rows // H
     dh = tl.arange(0, HALF)
     dr = tl.arange(0, BLOCK_DR)
-    q_base = Q + b * stride_qb
+    h_row = rows - t_row * H
+    ql_base = QL + b * stride_qlb
+    qr_base = QR + b * stride_qrb
+    ql_off = t_row * stride_qlt + h_row * stride_qlh
+    qr_off = t_row * stride_qrt + h_row * stride_qrh
 
     kv_len = S
     if HAS_LEN:
@@ -310,17 +318,17 @@ def _stage1_tma_fn(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     if TRANSPOSED:
         # queries as [channels, rows]: scores [BLOCK_N, rows], outputs [HALF, rows]
-        q0 = tl.load(q_base + rows[None, :] * stride_qm + dh[:, None], mask=(dh < DL)[:, None] & row_ok[None, :], other=0.0)
-        q1 = tl.load(q_base + rows[None, :] * stride_qm + HALF + dh[:, None],
+        q0 = tl.load(ql_base + ql_off[None, :] + dh[:, None], mask=(dh < DL)[:, None] & row_ok[None, :], other=0.0)
+        q1 = tl.load(ql_base + ql_off[None, :] + HALF + dh[:, None],
                      mask=(HALF + dh < DL)[:, None] & row_ok[None, :], other=0.0)
-        qr = tl.load(q_base + rows[None, :] * stride_qm + DL + dr[:, None], mask=(dr < DR)[:, None] & row_ok[None, :], other=0.0)
+        qr = tl.load(qr_base + qr_off[None, :] + dr[:, None], mask=(dr < DR)[:, None] & row_ok[None, :], other=0.0)
         acc0 = tl.zeros([HALF, BLOCK_H], tl.float32)
         acc1 = tl.zeros([HALF, BLOCK_H], tl.float32)
     else:
-        q0 = tl.load(q_base + rows[:, None] * stride_qm + dh[None, :], mask=row_ok[:, None] & (dh < DL)[None, :], other=0.0)
-        q1 = tl.load(q_base + rows[:, None] * stride_qm + HALF + dh[None, :],
+        q0 = tl.load(ql_base + ql_off[:, None] + dh[None, :], mask=row_ok[:, None] & (dh < DL)[None, :], other=0.0)
+        q1 = tl.load(ql_base + ql_off[:, None] + HALF + dh[None, :],
                      mask=row_ok[:, None] & (HALF + dh < DL)[None, :], other=0.0)
-        qr = tl.load(q_base + rows[:, None] * stride_qm + DL + dr[None, :], mask=row_ok[:, None] & (dr < DR)[None, :], other=0.0)
+        qr = tl.load(qr_base + qr_off[:, None] + dr[None, :], mask=row_ok[:, None] & (dr < DR)[None, :], other=0.0)
         acc0 = tl.zeros([BLOCK_H, HALF], tl.float32)
         acc1 = tl.zeros([BLOCK_H, HALF], tl.float32)
     for s0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
@@ -407,11 +415,12 @@ def _stage2_fn(
     O_part, Lse, Out,
     stride_ob, stride_om, stride_os,
     stride_lseb, stride_lsem,
-    stride_outb, stride_outm,
-    NUM_SPLITS,
+    stride_outb, stride_outt, stride_outh,
+    NUM_SPLITS, H,
     DL: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     m = tl.program_id(0).to(tl.int64)
+    t_row = m // H
     b = tl.program_id(1).to(tl.int64)
     sp = tl.arange(0, BLOCK_S)
     lse = tl.load(Lse + b * stride_lseb + m * stride_lsem + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
@@ -429,7 +438,8 @@ def _stage2_fn(
         o = tl.load(base + j * stride_os + dl, mask=dl_ok, other=0.0)
         acc += wj * o
     out = acc / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(Out + b * stride_outb + m * stride_outm + dl, out.to(Out.dtype.element_ty), mask=dl_ok)
+    out_ptr = Out + b * stride_outb + t_row * stride_outt + (m - t_row * H) * stride_outh + dl
+    tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=dl_ok)
 
 
 @lru_cache(maxsize=2)
@@ -548,7 +558,15 @@ def decode_attention_triton(
         raise ValueError("latent and k_rope must be contiguous in their last dimension")
     dtype = latent.dtype
     # one query row = [q_lat ; q_rope], contiguous, in the cache's dtype (tensor-core operands must match)
-    q = torch.cat([q_lat.reshape(b, m_rows, r), q_rope.reshape(b, m_rows, dr)], dim=-1).to(dtype)
+    # Queries in the cache's dtype (tensor-core operands must match), read in place through their batch, token
+    # and head strides: the absorbed path hands over `[H, B, T, r]`-ordered products permuted to `[B, T, H, r]`,
+    # which a reshape to rows would copy.
+    ql = q_lat.to(dtype)
+    qr = q_rope.to(dtype)
+    if ql.stride(-1) != 1:
+        ql = ql.contiguous()
+    if qr.stride(-1) != 1:
+        qr = qr.contiguous()
 
     block_h = max(cfg.min_block_h, 16, min(cfg.block_h, triton.next_power_of_2(m_rows)))
     head_blocks = triton.cdiv(m_rows, block_h)
@@ -561,12 +579,14 @@ def decode_attention_triton(
     split_len = triton.cdiv(triton.cdiv(s, num_splits), cfg.block_n) * cfg.block_n
     num_splits = max(1, triton.cdiv(s, split_len))
 
-    o_part = torch.empty(b, m_rows, num_splits, r, device=q.device, dtype=torch.float32)
-    lse = torch.empty(b, m_rows, num_splits, device=q.device, dtype=torch.float32)
-    out = torch.empty(b, m_rows, r, device=q.device, dtype=dtype)
+    o_part = torch.empty(b, m_rows, num_splits, r, device=ql.device, dtype=torch.float32)
+    lse = torch.empty(b, m_rows, num_splits, device=ql.device, dtype=torch.float32)
+    # the output is written head-major (`[H, B, T, r]` storage, returned as a `[B, T, H, r]` view): the
+    # per-head up-projection that follows (`absorbed.expand_output`) then reads it without a copy
+    out = torch.empty(h, b, t, r, device=ql.device, dtype=dtype).permute(1, 2, 0, 3)
 
     if mask is None:
-        mask_mode, mask_t, mstr = 0, q, (0, 0, 0)
+        mask_mode, mask_t, mstr = 0, ql, (0, 0, 0)
     else:
         mask = mask[..., :s]
         if mask.dtype == torch.bool:
@@ -575,7 +595,7 @@ def decode_attention_triton(
             mask_mode, mask_t = 2, mask
         mstr = (mask_t.stride(0) if mask_t.shape[0] > 1 else 0, mask_t.stride(1) if mask_t.shape[1] > 1 else 0, mask_t.stride(2))
     if kv_len is None:
-        len_t, len_stride, has_len = q, 0, False
+        len_t, len_stride, has_len = ql, 0, False
     else:
         len_t = kv_len.reshape(-1)
         len_stride, has_len = (1 if len_t.numel() > 1 else 0), True
@@ -598,8 +618,8 @@ def decode_attention_triton(
                           IEEE=dtype == torch.float32)
     try:
         kernel[(head_blocks, num_splits, b)](
-            q, latent, k_rope, mask_t, len_t, o_part, lse,
-            q.stride(0), q.stride(1),
+            ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
+            ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
             latent.stride(0), latent.stride(1),
             k_rope.stride(0), k_rope.stride(1),
             *mstr,
@@ -623,12 +643,12 @@ def decode_attention_triton(
         o_part, lse, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1),
-        num_splits,
+        out.stride(0), out.stride(1), out.stride(2),
+        num_splits, h,
         DL=r, BLOCK_DL=triton.next_power_of_2(r), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
         num_warps=4,
     )
-    return out.view(b, t, h, r)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile
@@ -644,6 +664,7 @@ if triton is not None and hasattr(torch.library, "custom_op"):
     mla_decode_op = torch.library.custom_op("transmla::mla_decode", _op_impl, mutates_args=(), schema=_OP_SCHEMA)
 
     def _op_fake(q_lat, q_rope, latent, k_rope, scale, mask, kv_len):
-        return q_lat.new_empty(q_lat.shape, dtype=latent.dtype)
+        b, t, h, r = q_lat.shape  # the same head-major storage as the real output
+        return q_lat.new_empty((h, b, t, r), dtype=latent.dtype).permute(1, 2, 0, 3)
 
     mla_decode_op.register_fake(_op_fake)
