@@ -66,7 +66,8 @@ E2E_CONFIGS: list[Any] = []  # filled by `attention_alone`; the default first
 
 # ================================================================================================ utilities
 def kernel_label(cfg: Any) -> str:
-    """``token-major/tma 64/4/2`` style: layout, loads, tokens per tile / warps / stages (+ padded rows, occupancy)."""
+    """``head-major 64/4/3`` style: layout, tokens per tile / warps / stages (+ occupancy). Also labels run 3's
+    records of the since removed tensor-descriptor (``/tma``) and padded-row (``rows>=64``) variants."""
     if cfg is None:
         return "-"
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
@@ -238,9 +239,7 @@ def check_kernel(dev: torch.device) -> None:
         )
         for cfg in (KernelConfig(block_n=64, num_warps=4), KernelConfig(block_n=64, num_warps=8, transposed=True),
                     KernelConfig(block_n=32, num_warps=4, num_stages=3, transposed=True),
-                    KernelConfig(block_n=64, num_warps=4, tma=True),
-                    KernelConfig(block_n=64, num_warps=4, transposed=True, tma=True),
-                    KernelConfig(block_n=64, num_warps=8, min_block_h=64, tma=True)):
+                    KernelConfig(block_n=64, num_warps=4, num_stages=3)):
             try:
                 out = decode_attention_triton(q_lat, q_rope, buf[..., :512], buf[..., 512:], 0.07, mask, kv_len, config=cfg)
                 err = rel(out, ref)
@@ -401,23 +400,17 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         # (2.24-3.02 TB/s), but slower inside the whole model (see kernels/mla_decode.py DEFAULT_CONFIG).
         # Shared memory per block (ptxas, sm_90a): token-major BN=64 2 stages 188 KiB, BN=32 2/3/4 stages
         # 76/112/148 KiB, BN=16 4 stages 92 KiB: the small ones fit two blocks per multiprocessor.
-        # Run 3 adds deeper pipelines (two tiles in flight, where shared memory allows: head-major BN=64 with 3
-        # stages needs ~221 KiB) and the tensor-descriptor (TMA) kernel in both layouts, head-major also with the
-        # 32 heads padded to a 64-row block (warpgroup MMA).
+        # Run 3 added deeper pipelines (two tiles in flight where shared memory allows: head-major BN=64 with 3
+        # stages needs ~221 KiB) and won with head-major 64/4/3, now the default. It also swept tensor-descriptor
+        # (TMA) loads in both layouts and a 64-row padded head-major block: all slower, removed (commit 4bed150).
         K = md.KernelConfig
         sweep = [
+            K(block_n=64, num_warps=4, num_stages=2),
             K(block_n=64, num_warps=4, num_stages=2, transposed=True),
-            K(block_n=64, num_warps=4, num_stages=3),
             K(block_n=32, num_warps=4, num_stages=3),
             K(block_n=32, num_warps=4, num_stages=4),
             K(block_n=16, num_warps=4, num_stages=4, transposed=True, ctas_per_sm=2),
-            K(block_n=64, num_warps=4, num_stages=2, tma=True),
-            K(block_n=64, num_warps=4, num_stages=3, tma=True),
-            K(block_n=32, num_warps=4, num_stages=4, tma=True),
-            K(block_n=64, num_warps=4, num_stages=2, transposed=True, tma=True),
-            K(block_n=64, num_warps=8, num_stages=2, transposed=True, tma=True),
-            K(block_n=64, num_warps=8, num_stages=2, min_block_h=64, tma=True),
-            K(block_n=32, num_warps=8, num_stages=3, min_block_h=64, tma=True),
+            K(block_n=64, num_warps=8, num_stages=3),
         ]
     for s in contexts:
         for b in batches:

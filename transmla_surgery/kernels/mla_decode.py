@@ -52,18 +52,12 @@ class KernelConfig:
 
     block_n: int = 64  # cached tokens per tile
     block_h: int = 32  # query rows (heads × query tokens) per program
-    # Pad the row block up to this many rows (masked): 64 lets the head-major products use Hopper's warpgroup
-    # MMA (M >= 64 per warpgroup) at 32 heads, at the price of multiplying zero rows.
-    min_block_h: int = 16
     # With 4 warps ptxas (sm_90a) spills a little of the [32, 512] float32 accumulator (~160 bytes of stack);
     # 8 warps do not spill, yet measured 10-25% slower on the H200.
     num_warps: int = 4
     num_stages: int = 2
     ctas_per_sm: int = 1
     transposed: bool = False  # `_stage1_t_fn` (token-major products, for Hopper's warpgroup MMA)
-    # `_stage1_tma_fn`: cache tiles fetched by tensor descriptors (TMA) where the cache's layout allows it
-    # (16-byte aligned rows, r <= 512, d_rope <= 256); the pointer kernels otherwise.
-    tma: bool = False
 
 
 # Default launch parameters, from `bench/decode.py` on an H200 (bench/results/decode.md, run 3): head-major,
@@ -71,9 +65,9 @@ class KernelConfig:
 # two tiles in flight while one is multiplied; with two stages the next load only starts once the previous one
 # has landed, and each SM waits out a full memory latency per tile. Alone it is 19-28% faster than two stages
 # at batch >= 16 (batch 64 × 8K: 187 against 247 µs, 77% of the copy bandwidth); inside the whole model
-# Llama-3-8B-shaped decoding gained 8% at 8K and 10% at 16K, Llama-2-7B-shaped lost 4%. The TMA (tensor
-# descriptor) variants and the 64-row padded head-major one (warpgroup MMA) were all slower. GPUs with less
-# shared memory fall back to two stages, then to `SAFE_CONFIG`.
+# Llama-3-8B-shaped decoding gained 8% at 8K and 10% at 16K, Llama-2-7B-shaped lost 4%. Tensor-descriptor
+# (TMA) loads and a 64-row padded head-major block (warpgroup MMA) were both slower and were removed again
+# (commit 4bed150 has them). GPUs with less shared memory fall back to two stages, then to `SAFE_CONFIG`.
 DEFAULT_CONFIG = KernelConfig(num_stages=3)
 # Small tiles that fit any supported GPU: the fallback when a launch runs out of shared memory or registers.
 SAFE_CONFIG = KernelConfig(block_n=16, num_warps=4, num_stages=2)
@@ -267,150 +261,6 @@ def _stage1_t_fn(
     tl.store(Lse + b * stride_lseb + rows * stride_lsem + pid_s, lse, mask=row_ok)
 
 
-def _stage1_tma_fn(
-    QL, QR, C, KR, Mask, Len, O_part, Lse,
-    stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
-    stride_cb, stride_cs,
-    stride_rb, stride_rs,
-    stride_mb, stride_mt, stride_ms,
-    stride_lb,
-    stride_ob, stride_om, stride_os,
-    stride_lseb, stride_lsem,
-    S, T, H, M, split_len, sm_scale_log2,
-    DL: tl.constexpr, DR: tl.constexpr, HALF: tl.constexpr, TWO: tl.constexpr, BLOCK_DR: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LEN: tl.constexpr,
-    PREC: tl.constexpr, TRANSPOSED: tl.constexpr, NUM_STAGES: tl.constexpr,
-):
-    """Stage 1 with the cache tiles fetched by tensor descriptors (Hopper's TMA copy engine) instead of per-thread
-    loads: the threads issue no address arithmetic and no load instructions for the 1152-byte rows, and the
-    pipeline's buffers fill asynchronously behind an mbarrier. A TMA box is at most 256 elements wide, so the
-    latent channels travel as one or two ``HALF``-wide column blocks (``TWO``: a second block at ``HALF``), each
-    with its own query part and its own output accumulator. The descriptor's row count is the filled length, so
-    rows past it arrive as zeros from the hardware and never from memory (a static cache's stale tail is never
-    read). ``TRANSPOSED`` selects the token-major products of `_stage1_t_fn`; otherwise as `_stage1_fn`."""
-    pid_h = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-
-    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = rows < M
-    t_row = rows // H
-    dh = tl.arange(0, HALF)
-    dr = tl.arange(0, BLOCK_DR)
-    h_row = rows - t_row * H
-    ql_base = QL + b * stride_qlb
-    qr_base = QR + b * stride_qrb
-    ql_off = t_row * stride_qlt + h_row * stride_qlh
-    qr_off = t_row * stride_qrt + h_row * stride_qrh
-
-    kv_len = S
-    if HAS_LEN:
-        kv_len = tl.minimum(tl.load(Len + b * stride_lb).to(tl.int32), S)
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, kv_len)
-    row_limit = kv_len - T + t_row + 1
-
-    c_desc = tl.make_tensor_descriptor(C + b * stride_cb, shape=[kv_len, DL], strides=[stride_cs, 1],
-                                       block_shape=[BLOCK_N, HALF])
-    r_desc = tl.make_tensor_descriptor(KR + b * stride_rb, shape=[kv_len, DR], strides=[stride_rs, 1],
-                                       block_shape=[BLOCK_N, BLOCK_DR])
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    if TRANSPOSED:
-        # queries as [channels, rows]: scores [BLOCK_N, rows], outputs [HALF, rows]
-        q0 = tl.load(ql_base + ql_off[None, :] + dh[:, None], mask=(dh < DL)[:, None] & row_ok[None, :], other=0.0)
-        q1 = tl.load(ql_base + ql_off[None, :] + HALF + dh[:, None],
-                     mask=(HALF + dh < DL)[:, None] & row_ok[None, :], other=0.0)
-        qr = tl.load(qr_base + qr_off[None, :] + dr[:, None], mask=(dr < DR)[:, None] & row_ok[None, :], other=0.0)
-        acc0 = tl.zeros([HALF, BLOCK_H], tl.float32)
-        acc1 = tl.zeros([HALF, BLOCK_H], tl.float32)
-    else:
-        q0 = tl.load(ql_base + ql_off[:, None] + dh[None, :], mask=row_ok[:, None] & (dh < DL)[None, :], other=0.0)
-        q1 = tl.load(ql_base + ql_off[:, None] + HALF + dh[None, :],
-                     mask=row_ok[:, None] & (HALF + dh < DL)[None, :], other=0.0)
-        qr = tl.load(qr_base + qr_off[:, None] + dr[None, :], mask=row_ok[:, None] & (dr < DR)[None, :], other=0.0)
-        acc0 = tl.zeros([BLOCK_H, HALF], tl.float32)
-        acc1 = tl.zeros([BLOCK_H, HALF], tl.float32)
-    for s0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-        offs = s0 + tl.arange(0, BLOCK_N)
-        s_ok = offs < end
-        c0 = c_desc.load([s0, 0])
-        kr = r_desc.load([s0, 0])
-        if TWO:
-            c1 = c_desc.load([s0, HALF])
-        if TRANSPOSED:
-            qk = tl.dot(c0, q0, input_precision=PREC)
-            if TWO:
-                qk = tl.dot(c1, q1, acc=qk, input_precision=PREC)
-            qk = tl.dot(kr, qr, acc=qk, input_precision=PREC)
-            qk = qk * sm_scale_log2  # [BLOCK_N, BLOCK_H]
-            valid = s_ok[:, None] & row_ok[None, :]
-            if MASK_MODE == 0:
-                valid = valid & (offs[:, None] < row_limit[None, :])
-            elif MASK_MODE == 1:
-                mv = tl.load(Mask + b * stride_mb + t_row[None, :] * stride_mt + offs[:, None] * stride_ms,
-                             mask=s_ok[:, None] & row_ok[None, :], other=0)
-                valid = valid & (mv != 0)
-            else:
-                bias = tl.load(Mask + b * stride_mb + t_row[None, :] * stride_mt + offs[:, None] * stride_ms,
-                               mask=s_ok[:, None] & row_ok[None, :], other=0.0)
-                qk = qk + tl.maximum(bias.to(tl.float32), -1.0e30) * 1.4426950408889634
-            qk = tl.where(valid, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[None, :])
-            l_i = l_i * alpha + tl.sum(p, 0)
-            pc = p.to(c0.dtype)
-            acc0 = tl.dot(tl.trans(c0), pc, acc=acc0 * alpha[None, :], input_precision=PREC)
-            if TWO:
-                acc1 = tl.dot(tl.trans(c1), pc, acc=acc1 * alpha[None, :], input_precision=PREC)
-        else:
-            qk = tl.dot(q0, tl.trans(c0), input_precision=PREC)
-            if TWO:
-                qk = tl.dot(q1, tl.trans(c1), acc=qk, input_precision=PREC)
-            qk = tl.dot(qr, tl.trans(kr), acc=qk, input_precision=PREC)
-            qk = qk * sm_scale_log2  # [BLOCK_H, BLOCK_N]
-            valid = s_ok[None, :] & row_ok[:, None]
-            if MASK_MODE == 0:
-                valid = valid & (offs[None, :] < row_limit[:, None])
-            elif MASK_MODE == 1:
-                mv = tl.load(Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
-                             mask=row_ok[:, None] & s_ok[None, :], other=0)
-                valid = valid & (mv != 0)
-            else:
-                bias = tl.load(Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
-                               mask=row_ok[:, None] & s_ok[None, :], other=0.0)
-                qk = qk + tl.maximum(bias.to(tl.float32), -1.0e30) * 1.4426950408889634
-            qk = tl.where(valid, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            pc = p.to(c0.dtype)
-            acc0 = tl.dot(pc, c0, acc=acc0 * alpha[:, None], input_precision=PREC)
-            if TWO:
-                acc1 = tl.dot(pc, c1, acc=acc1 * alpha[:, None], input_precision=PREC)
-        m_i = m_new
-
-    has = l_i > 0.0
-    inv = 1.0 / tl.where(has, l_i, 1.0)
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    o_base = O_part + b * stride_ob + pid_s * stride_os
-    if TRANSPOSED:
-        o_ptr = o_base + rows[None, :] * stride_om + dh[:, None]
-        tl.store(o_ptr, acc0 * inv[None, :], mask=(dh < DL)[:, None] & row_ok[None, :])
-        if TWO:
-            tl.store(o_ptr + HALF, acc1 * inv[None, :], mask=(HALF + dh < DL)[:, None] & row_ok[None, :])
-    else:
-        o_ptr = o_base + rows[:, None] * stride_om + dh[None, :]
-        tl.store(o_ptr, acc0 * inv[:, None], mask=row_ok[:, None] & (dh < DL)[None, :])
-        if TWO:
-            tl.store(o_ptr + HALF, acc1 * inv[:, None], mask=row_ok[:, None] & (HALF + dh < DL)[None, :])
-    tl.store(Lse + b * stride_lseb + rows * stride_lsem + pid_s, lse, mask=row_ok)
-
-
 def _stage2_fn(
     O_part, Lse, Out,
     stride_ob, stride_om, stride_os,
@@ -446,29 +296,7 @@ def _stage2_fn(
 def _kernels(interpret: bool):
     """``(stage1, stage1 transposed, stage2)`` decorated for the current mode (compiled, or interpreted on the CPU)."""
     del interpret  # part of the cache key only: `triton.jit` reads the mode itself
-    return triton.jit(_stage1_fn), triton.jit(_stage1_t_fn), triton.jit(_stage2_fn), triton.jit(_stage1_tma_fn)
-
-
-def _tma_fits(latent: torch.Tensor, k_rope: torch.Tensor) -> bool:
-    """Whether tensor descriptors can address this cache: base addresses and row strides 16-byte aligned (TMA's
-    rule), at most two 256-wide column blocks of latent and one of rope key."""
-    r, dr = latent.shape[-1], k_rope.shape[-1]
-    if r > 512 or dr > 256:
-        return False
-    for t in (latent, k_rope):
-        es = t.element_size()
-        if t.data_ptr() % 16 or (t.stride(0) * es) % 16 or (t.stride(1) * es) % 16:
-            return False
-    return True
-
-
-def _ensure_allocator() -> None:
-    """Descriptors built inside a kernel need 128 bytes of global scratch per program, which Triton asks its
-    allocator for at launch. Install a PyTorch one unless the caller has set their own."""
-    from triton.runtime import _allocation
-
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    return triton.jit(_stage1_fn), triton.jit(_stage1_t_fn), triton.jit(_stage2_fn)
 
 
 def _interpreting() -> bool:
@@ -568,7 +396,7 @@ def decode_attention_triton(
     if qr.stride(-1) != 1:
         qr = qr.contiguous()
 
-    block_h = max(cfg.min_block_h, 16, min(cfg.block_h, triton.next_power_of_2(m_rows)))
+    block_h = max(16, min(cfg.block_h, triton.next_power_of_2(m_rows)))
     head_blocks = triton.cdiv(m_rows, block_h)
     if num_splits is None:
         slots = (_sm_count(latent.device.index or 0) if latent.is_cuda else 132) * cfg.ctas_per_sm
@@ -603,19 +431,8 @@ def decode_attention_triton(
     interpret = _interpreting()
     if interpret:
         _patch_interpreter_for_numpy2()
-    stage1, stage1_t, stage2, stage1_tma = _kernels(interpret)
+    stage1, stage1_t, stage2 = _kernels(interpret)
     kernel = stage1_t if cfg.transposed else stage1
-    if cfg.tma and _tma_fits(latent, k_rope):
-        kernel = stage1_tma
-        if not interpret:
-            _ensure_allocator()
-        block_dl = triton.next_power_of_2(r)
-        shape_args = dict(HALF=min(256, block_dl), TWO=block_dl > 256, BLOCK_DR=max(16, triton.next_power_of_2(dr)),
-                          PREC="ieee" if dtype == torch.float32 else None, TRANSPOSED=cfg.transposed,
-                          NUM_STAGES=cfg.num_stages)
-    else:
-        shape_args = dict(BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
-                          IEEE=dtype == torch.float32)
     try:
         kernel[(head_blocks, num_splits, b)](
             ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
@@ -627,8 +444,9 @@ def decode_attention_triton(
             o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse.stride(0), lse.stride(1),
             s, t, h, m_rows, split_len, scale * LOG2E,
-            DL=r, DR=dr, BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
-            **shape_args,
+            DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
+            BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
+            IEEE=dtype == torch.float32,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     except _OUT_OF_RESOURCES:
