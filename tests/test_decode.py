@@ -278,3 +278,23 @@ def test_training_with_grad_takes_the_expanded_path():
     assert absorbed_mod.can_absorb(block, 1, None, {})
     assert not absorbed_mod.can_absorb(block, 1, None, {"output_attentions": True})
     assert not absorbed_mod.can_absorb(block, block.absorb_max_query + 1, None, {})
+
+
+@pytest.mark.parametrize("rope_dim", [8, 6], ids=["divides_head_dim", "does_not_divide"])
+def test_rope_channels_by_strided_view_equal_the_gather(rope_dim):
+    """The kept rope channels (`rope_channel_index`) are every c-th channel when d_rope divides d: then the block
+    selects them with a strided view instead of a gather kernel per layer and step. Either way the selected
+    ``cos``/``sin`` must be exactly the indexed ones; a d_rope that does not divide d keeps the gather."""
+    model = tiny_model(heads=4, kv_heads=2, dtype=torch.float64)
+    src = check_supported(model)
+    block = build_mla_block(mla_geometry(src, MLAConfig(kv_lora_rank=R, qk_rope_head_dim=rope_dim)), 0, model.config,
+                            dtype=torch.float64)
+    assert (block.rope_step is not None) == (src.head_dim % rope_dim == 0)
+    cos, sin = _rope(3, torch.arange(5), dim=src.head_dim)
+    g = torch.Generator().manual_seed(5)
+    cos = cos + 0.01 * torch.randn(cos.shape, generator=g, dtype=cos.dtype)  # halves no longer duplicated
+    sin = sin + 0.01 * torch.randn(sin.shape, generator=g, dtype=sin.dtype)
+    got = block.rope_cos_sin((cos, sin))
+    idx = block.rope_index
+    assert torch.equal(got[0], cos.index_select(-1, idx).unsqueeze(1))
+    assert torch.equal(got[1], sin.index_select(-1, idx).unsqueeze(1))

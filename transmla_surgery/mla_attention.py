@@ -132,9 +132,13 @@ class MLAAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(g.kv_lora_rank, g.latent_norm_eps) if g.latent_norm else nn.Identity()
         self.kv_b_proj = nn.Linear(g.kv_lora_rank, g.num_heads * (g.qk_nope_head_dim + g.v_head_dim), bias=False)
         self.o_proj = nn.Linear(g.num_heads * g.v_head_dim, g.hidden_size, bias=g.o_bias)
-        self.register_buffer(
-            "rope_index", rope_channel_index(g.source_head_dim, g.qk_rope_head_dim), persistent=False
-        )
+        index = rope_channel_index(g.source_head_dim, g.qk_rope_head_dim)
+        self.register_buffer("rope_index", index, persistent=False)
+        # The kept channels are every c-th one (c = d / d_rope) when d_rope divides d: then a strided view
+        # selects them, with no gather kernel in every layer of every decode step.
+        step = g.source_head_dim // g.qk_rope_head_dim
+        strided = torch.arange(0, step * g.qk_rope_head_dim, step)
+        self.rope_step = step if torch.equal(index, strided) else None
         # Multiplied into the latent (rank reduction during training: zeros switch channels off with static
         # shapes). Not persistent: checkpoints keep the DeepSeek-V3 tensor names only; the rank lives in the
         # training callback's state, and `transmla_surgery.rank.truncate_rank` makes it physical.
@@ -161,6 +165,8 @@ class MLAAttention(nn.Module):
     def rope_cos_sin(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Select the kept frequencies from the host's ``cos, sin`` ``[B, T, d]`` → ``[B, 1, T, d_rope]``."""
         cos, sin = position_embeddings
+        if self.rope_step is not None:
+            return cos[..., :: self.rope_step].unsqueeze(1), sin[..., :: self.rope_step].unsqueeze(1)
         idx = self.rope_index.to(cos.device)
         return cos.index_select(-1, idx).unsqueeze(1), sin.index_select(-1, idx).unsqueeze(1)
 
