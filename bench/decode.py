@@ -73,6 +73,7 @@ def kernel_label(cfg: Any) -> str:
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
     name = ("token-major" if c["transposed"] else "head-major") + ("/tma" if c.get("tma") else "")
     extra = (f" rows>={c['min_block_h']}" if c.get("min_block_h", 16) > 32 else "") + (f" occ{c['ctas_per_sm']}" if c.get("ctas_per_sm", 1) > 1 else "")
+    extra += (" half-partials" if c.get("half_partials") else "") + (" fused-merge" if c.get("fused_merge") else "")
     return f"{name} {c['block_n']}/{c['num_warps']}/{c['num_stages']}{extra}"
 
 
@@ -239,7 +240,8 @@ def check_kernel(dev: torch.device) -> None:
         )
         for cfg in (KernelConfig(block_n=64, num_warps=4), KernelConfig(block_n=64, num_warps=8, transposed=True),
                     KernelConfig(block_n=32, num_warps=4, num_stages=3, transposed=True),
-                    KernelConfig(block_n=64, num_warps=4, num_stages=3)):
+                    KernelConfig(block_n=64, num_warps=4, num_stages=3),
+                    KernelConfig(block_n=64, num_warps=4, num_stages=3, fused_merge=True, half_partials=True)):
             try:
                 out = decode_attention_triton(q_lat, q_rope, buf[..., :512], buf[..., 512:], 0.07, mask, kv_len, config=cfg)
                 err = rel(out, ref)
@@ -411,6 +413,10 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
             K(block_n=32, num_warps=4, num_stages=4),
             K(block_n=16, num_warps=4, num_stages=4, transposed=True, ctas_per_sm=2),
             K(block_n=64, num_warps=8, num_stages=3),
+            # the fixed cost per call (~30 µs in run 3): 16-bit partials, the merge in the last program, both
+            K(block_n=64, num_warps=4, num_stages=3, half_partials=True),
+            K(block_n=64, num_warps=4, num_stages=3, fused_merge=True),
+            K(block_n=64, num_warps=4, num_stages=3, fused_merge=True, half_partials=True),
         ]
     for s in contexts:
         for b in batches:

@@ -43,8 +43,11 @@ from transmla_surgery.kernels.mla_decode import KernelConfig, choose_num_splits,
 
 SMALL = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1)
 SMALL_T = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1, transposed=True)  # token-major variant
-CONFIGS = [SMALL, SMALL_T]
-CONFIG_IDS = ["head_major", "token_major"]
+# the splits merged by the last program of each row block, partials in 16 bits (float32 inputs keep float32)
+SMALL_FUSED = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1, fused_merge=True, half_partials=True)
+SMALL_T_FUSED = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1, transposed=True, fused_merge=True)
+CONFIGS = [SMALL, SMALL_T, SMALL_FUSED, SMALL_T_FUSED]
+CONFIG_IDS = ["head_major", "token_major", "head_major_fused", "token_major_fused"]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
@@ -205,7 +208,7 @@ def test_out_of_shared_memory_falls_back_one_stage_at_a_time(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(md, "_kernels", lambda interpret: (Limited(real[0]), Limited(real[1]), real[2]))
+    monkeypatch.setattr(md, "_kernels", lambda interpret: (Limited(real[0]), Limited(real[1]), *real[2:]))
     q_lat, q_rope, lat, kr, _ = _inputs(1, 1, 4, 32, 16, 70, torch.float16, seed=8)
     cfg = KernelConfig(block_n=32, block_h=16, num_warps=4, num_stages=4)
     out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=2, config=cfg)
@@ -243,3 +246,21 @@ def test_custom_op_fake_matches_the_kernel():
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake = mla_decode_op(*(mode.from_tensor(x) for x in (q_lat, q_rope, lat, kr)), 0.1, None, None)
     assert fake.shape == out.shape and fake.stride() == out.stride() and fake.dtype == out.dtype
+
+
+@in_process
+@pytest.mark.parametrize("transposed", [False, True], ids=["head_major", "token_major"])
+def test_fused_merge_leaves_its_counters_at_zero(transposed):
+    """The last program of each row block merges the splits and resets its arrival counter: after a launch every
+    counter is zero again, and a second launch on the same counters (a CUDA-graph replay) gives the same output."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    cfg = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1, transposed=transposed, fused_merge=True,
+                       half_partials=True)
+    q_lat, q_rope, lat, kr, _ = _inputs(3, 1, 20, 32, 16, 70, torch.float16, seed=12)  # 20 heads: 2 row blocks
+    first = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=4, config=cfg)
+    counters = md._COUNTERS[first.device]
+    assert int(counters.abs().sum()) == 0
+    second = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=4, config=cfg)
+    assert torch.equal(first, second)
+    assert _err(first, _ref(q_lat, q_rope, lat, kr, 0.1)) < TOL[torch.float16]
