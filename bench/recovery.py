@@ -128,8 +128,10 @@ class OnlyTrain(Callback):
 class History(Callback):
     """Per-step logged values, and WikiText perplexity at fit start and every ``every`` steps."""
 
-    def __init__(self, eval_rows: torch.Tensor | None, every: int, batch_size: int) -> None:
+    def __init__(self, eval_rows: torch.Tensor | None, every: int, batch_size: int, dump: Path | None = None,
+                 header: dict | None = None) -> None:
         self.eval_rows, self.every, self.batch_size = eval_rows, every, batch_size
+        self.dump, self.header = dump, header or {}
         self.steps: list[dict] = []
         self.evals: list[dict] = []
 
@@ -137,6 +139,11 @@ class History(Callback):
         if self.eval_rows is not None:
             ppl = perplexity(pl_module.model, self.eval_rows, batch_size=self.batch_size)
             self.evals.append({"step": trainer.global_step, "ppl": ppl, "rank": rank})
+            if self.dump is not None:  # what a run stopped by a time limit leaves for `parallel` to merge
+                part = {**self.header, "history": self.steps, "evals": self.evals, "complete": False}
+                tmp = self.dump.with_suffix(".tmp")
+                tmp.write_text(json.dumps(part) + "\n")
+                tmp.replace(self.dump)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._eval(trainer, pl_module, _rank(pl_module.model))
@@ -178,7 +185,8 @@ def run(name: str, spec: dict, original: torch.nn.Module, *, calib: list[torch.T
     L.seed_everything(0, verbose=False)
     model = copy.deepcopy(original)
     module = CausalLM(model, lr=lr, total_steps=steps)
-    history = History(eval_rows, args.eval_every, args.eval_batch)
+    header = {"name": name, **spec, "lr": lr, "steps": steps, "tokens": steps * batch * train.shape[1]}
+    history = History(eval_rows, args.eval_every, args.eval_batch, dump=args.out / f"partial_{name}.json", header=header)
     callbacks: list[Callback] = [MLASurgery(MLAConfig(kv_lora_rank=spec["rank"], qk_rope_head_dim=ROPE), calib,
                                             train=spec.get("train", "attention"), keep_activations=True)]
     if spec.get("only"):
@@ -283,7 +291,8 @@ def main() -> None:
     parser.add_argument("--cut-rows", type=int, default=16, help="512-token rows for the cut check's moments")
     args = parser.parse_args()
     if args.smoke:
-        args.steps, args.batch, args.seq, args.pilot_steps = 2, 2, 128, 1
+        args.steps = 2 if args.steps == parser.get_default("steps") else args.steps
+        args.batch, args.seq, args.pilot_steps = 2, 128, 1
         args.lrs = "3e-4,1e-3" if args.lrs == parser.get_default("lrs") else args.lrs
         args.eval_windows, args.calib_seqs, args.eval_every, args.val_windows = 2, 4, 1, 2
         args.out = args.out if args.out != HERE / "results" else Path("/tmp/recovery_smoke")
@@ -376,6 +385,7 @@ def main() -> None:
     results["pilot_books_ppl"] = pilot
     results["lr"] = chosen
 
+    _write(results, args.out)  # the protocol, before any run: what `parallel` merges partial runs under
     for name in names:
         spec = dict(RUNS[name])
         if args.hidden_weight is not None and "hidden" in spec:
@@ -389,6 +399,8 @@ def main() -> None:
         _write(results, args.out)
 
     finish(results, args.out)
+    for path in args.out.glob("partial_*.json"):  # every run finished: the running dumps are not needed
+        path.unlink()
     log("done")
 
 
@@ -423,9 +435,29 @@ def parallel(args) -> None:
         log = open(args.out / f"job{k}.log", "w")
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[k % len(gpus)]} if gpus else {}))
         procs.append((job, out, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+    import signal
+
+    class _Stop(Exception):
+        pass
+
+    def _stop(signum, frame):  # `timeout` (or a user) stops the sweep: keep what the runs have measured so far
+        raise _Stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for job, out, log, proc in procs:
+            proc.wait()
+    except (_Stop, KeyboardInterrupt):
+        print("stopped: terminating the jobs and merging what they have evaluated so far", flush=True)
+        for job, out, log, proc in procs:
+            proc.terminate()
+        for job, out, log, proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     merged: dict | None = None
     for job, out, log, proc in procs:
-        proc.wait()
         log.close()
         path = out / "recovery_smollm2.json"
         if proc.returncode != 0 or not path.exists():
@@ -437,17 +469,26 @@ def parallel(args) -> None:
             merged = {k: v for k, v in part.items() if k not in ("runs", "pilot_books_ppl", "lr")}
             merged["command"] = "python bench/recovery.py " + " ".join(sys.argv[1:])
             merged["runs"] = {}
-        for r in part["runs"].values():
-            merged["runs"][job] = {**r, "job": job, "complete": proc.returncode == 0}
+        runs = list(part["runs"].values())
+        if not runs:  # stopped before the end: the evaluations so far (`History` writes them as it goes)
+            partials = sorted(out.glob("partial_*.json"))
+            runs = [json.loads(partials[0].read_text())] if partials else []
+            for r in runs:
+                r["stopped_at_step"] = r["evals"][-1]["step"] if r["evals"] else 0
+                r["ppl_last_eval"] = r["evals"][-1]["ppl"] if r["evals"] else None
+        for r in runs:
+            merged["runs"][job] = {**r, "job": job, "complete": proc.returncode == 0 and r.get("complete", True)}
     if merged is None:
         raise SystemExit("no job produced results")
     finish(merged, args.out)
     for job, out, log, proc in procs:  # keep the merged file and the logs only
         shutil.rmtree(out, ignore_errors=True)
     for job, r in merged["runs"].items():
-        print(f"{job:45s} ppl {r['evals'][0]['ppl']:8.2f} → {r.get('ppl', float('nan')):8.2f}  books-val "
+        end = r.get("ppl", r.get("ppl_last_eval")) or float("nan")
+        note = f"{r['seconds']} s" if r.get("complete") else f"stopped at step {r.get('stopped_at_step')}"
+        print(f"{job:45s} ppl {r['evals'][0]['ppl']:8.2f} → {end:8.2f}  books-val "
               f"{r.get('books_val_ppl', float('nan')):7.2f}  gap closed {r.get('gap_closed') or float('nan'):+.3f}  "
-              f"{r['seconds']} s", flush=True)
+              f"{note}", flush=True)
 
 
 def finish(results: dict, out: Path) -> None:
