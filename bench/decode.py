@@ -480,15 +480,13 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         # the order has differed (run 2: token-major 12% faster alone, 10% slower inside Llama-2-7B).
         from collections import Counter
 
-        wins = Counter(cfg for (b, s), cfg in best_cfg.items() if b >= 16)
-        E2E_CONFIGS.extend(cfg for cfg, _ in wins.most_common() if cfg != md.DEFAULT_CONFIG)
-        del E2E_CONFIGS[E2E_KERNELS - 1:]
+        wins = [cfg for cfg, _ in Counter(cfg for (b, s), cfg in best_cfg.items() if b >= 16).most_common()]
         if adopt_best and wins:
-            md.DEFAULT_CONFIG = wins.most_common(1)[0][0]
+            md.DEFAULT_CONFIG = wins[0]
             log(f"kernel default for the rest of the run: {asdict(md.DEFAULT_CONFIG)}")
+        E2E_CONFIGS.extend(cfg for cfg in wins if cfg != md.DEFAULT_CONFIG)
+        del E2E_CONFIGS[E2E_KERNELS - 1:]
     if use_triton:
-        if md.DEFAULT_CONFIG in E2E_CONFIGS:
-            E2E_CONFIGS.remove(md.DEFAULT_CONFIG)
         E2E_CONFIGS.insert(0, md.DEFAULT_CONFIG)
         META["kernel_configs_for_e2e"] = [asdict(c) for c in E2E_CONFIGS]
 
@@ -557,6 +555,8 @@ def param_bytes(model: torch.nn.Module, *, read_per_step: bool) -> int:
 def e2e(dev: torch.device, copy_bw: float, smoke: bool, budget_s: float) -> None:
     from transformers import LlamaForCausalLM, StaticCache
 
+    from transmla_surgery.kernels import mla_decode as md  # its DEFAULT_CONFIG is what the models launch with
+
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     prompts = (16, 48) if smoke else (1024, 4096, 8192, 16384)
     new_tokens = 4 if smoke else 128
@@ -583,9 +583,7 @@ def e2e(dev: torch.device, copy_bw: float, smoke: bool, budget_s: float) -> None
                     if batch < 1:
                         continue
                     if kcfg is not None:
-                        from transmla_surgery.kernels import mla_decode as md
-
-                        md.DEFAULT_CONFIG = kcfg  # what the model's decode path launches with
+                        md.DEFAULT_CONFIG = kcfg
                     if side == "original":
                         cache = StaticCache(config=cfg, max_cache_len=ctx)
                         cache.early_initialization(batch, g, hd, dtype, dev)
@@ -622,8 +620,6 @@ def e2e(dev: torch.device, copy_bw: float, smoke: bool, budget_s: float) -> None
                     del cache
                     free(dev)
         if E2E_CONFIGS:
-            from transmla_surgery.kernels import mla_decode as md
-
             md.DEFAULT_CONFIG = E2E_CONFIGS[0]
         if name == "llama2-7b":
             META["llama2_weights_bytes"] = param_bytes(model, read_per_step=False)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode as D  # noqa: E402  (the harness: model shapes, random MLA swap, step function, cache)
 
 from transmla_surgery.cache import MLAStaticCache  # noqa: E402
+from transmla_surgery.kernels import mla_decode as md  # noqa: E402
 
 
 def profile_step(step, dev: torch.device, steps: int) -> tuple[list[dict], float]:
@@ -73,15 +74,14 @@ def main() -> None:
     lines = [f"device: {report['device']}   llama3-8b shape, context {ctx}, bf16"]
     model = D.build_on_device(LlamaForCausalLM, cfg, dev, dtype)
     g, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    configs = [None]
+    use_triton = dev.type == "cuda" and D.triton_available()
+    default = md.DEFAULT_CONFIG
+    kernels = [default, md.KernelConfig(num_stages=2)]  # the default (three stages) and the two-stage one
     for side in ("original", "mla"):
         b = batches[side]
+        configs = kernels if (side == "mla" and use_triton) else [None]
         if side == "mla":
             D.swap_in_mla(model, rank, rope, dev, dtype)
-            if dev.type == "cuda" and D.triton_available():
-                from transmla_surgery.kernels import mla_decode as md
-
-                configs = [md.DEFAULT_CONFIG, md.KernelConfig(num_stages=2)]
         for kcfg in configs:
             if kcfg is not None:
                 md.DEFAULT_CONFIG = kcfg
@@ -110,10 +110,8 @@ def main() -> None:
                 lines.append(f"  {r['us_per_step']:9.1f} us  {r['launches_per_step']:5.0f}x  {r['kernel'][:88]}")
             del cache
             D.free(dev)
-    if dev.type == "cuda" and D.triton_available():
-        from transmla_surgery.kernels import decode_attention_reference  # noqa: F401
-        from transmla_surgery.kernels import mla_decode as md
-
+    md.DEFAULT_CONFIG = default
+    if use_triton:
         b, s = batches["mla"], ctx
         heads = cfg.num_attention_heads
         q_lat = torch.randn(b, 1, heads, rank, device=dev, dtype=dtype)
@@ -121,7 +119,7 @@ def main() -> None:
         kv = torch.randn(b, s, rank + rope, device=dev, dtype=dtype)
         n_len = torch.tensor(s, device=dev)
         alone = {}
-        for kcfg in (md.KernelConfig(num_stages=3), md.KernelConfig(num_stages=2)):
+        for kcfg in kernels:
             for splits in (None, 1, 2, 3, 4, 6):
                 ms = D.time_graph(lambda: md.decode_attention_triton(q_lat, q_rope, kv[..., :rank], kv[..., rank:], 0.07,
                                                                      kv_len=n_len, num_splits=splits, config=kcfg),

@@ -59,6 +59,7 @@ from transmla_surgery.data import batched, perplexity, tokenize, windows  # noqa
 from transmla_surgery.models import load_model  # noqa: E402
 from transmla_surgery.rank import truncate_rank  # noqa: E402
 
+LATENT_PATH = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")  # parameter names of the latent path
 RUNS = {
     "a_oneshot_distill": {"rank": 64, "distill": True, "gradual": False},
     "b_oneshot_next_token": {"rank": 64, "distill": False, "gradual": False},
@@ -70,10 +71,9 @@ RUNS = {
     # softer teacher targets (KL at temperature 2, scaled by T²)
     "c_gradual_distill_t2": {"rank": 160, "distill": True, "gradual": True, "reorder": False, "temperature": 2.0},
     # only the latent path trains (down-projection, its norm, up-projection); queries and output stay as converted
-    "c_gradual_distill_latent": {"rank": 160, "distill": True, "gradual": True, "reorder": False,
-                                 "only": ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")},
+    "c_gradual_distill_latent": {"rank": 160, "distill": True, "gradual": True, "reorder": False, "only": LATENT_PATH},
     "c_gradual_distill_latent_t2": {"rank": 160, "distill": True, "gradual": True, "reorder": False, "temperature": 2.0,
-                                    "only": ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")},
+                                    "only": LATENT_PATH},
     # layer-wise residual-stream matching beside the KL (`Distillation(hidden_weight=...)`)
     "a_oneshot_distill_hidden": {"rank": 64, "distill": True, "gradual": False, "hidden": 1.0},
     "c_gradual_distill_hidden": {"rank": 160, "distill": True, "gradual": True, "reorder": False, "hidden": 1.0},
@@ -209,8 +209,7 @@ def run(name: str, spec: dict, original: torch.nn.Module, *, calib: list[torch.T
     seconds = time.perf_counter() - start
     model.to(device)  # Lightning's teardown moved it to the CPU
     masked_rank = _rank(model)
-    out = {"name": name, **spec, "lr": lr, "steps": steps, "tokens": steps * batch * train.shape[1],
-           "epochs": round(steps * batch / len(train), 3),
+    out = {**header, "epochs": round(steps * batch / len(train), 3),
            "seconds": round(seconds, 1), "history": history.steps, "evals": history.evals}
     if masked_rank != TARGET:
         raise RuntimeError(f"{name}: ended at rank {masked_rank}, expected {TARGET}")

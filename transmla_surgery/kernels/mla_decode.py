@@ -355,7 +355,8 @@ def _stage2_fn(
 
 @lru_cache(maxsize=2)
 def _kernels(interpret: bool):
-    """``(stage1, stage1 transposed, stage2)`` decorated for the current mode (compiled, or interpreted on the CPU)."""
+    """``(stage1, stage1 transposed, stage2, merge-if-last helper)`` decorated for the current mode (compiled, or
+    interpreted on the CPU)."""
     del interpret  # part of the cache key only: `triton.jit` reads the mode itself
     return triton.jit(_stage1_fn), triton.jit(_stage1_t_fn), triton.jit(_stage2_fn), triton.jit(_merge_if_last_fn)
 
@@ -460,7 +461,6 @@ def decode_attention_triton(
     if latent.stride(-1) != 1 or k_rope.stride(-1) != 1:
         raise ValueError("latent and k_rope must be contiguous in their last dimension")
     dtype = latent.dtype
-    # one query row = [q_lat ; q_rope], contiguous, in the cache's dtype (tensor-core operands must match)
     # Queries in the cache's dtype (tensor-core operands must match), read in place through their batch, token
     # and head strides: the absorbed path hands over `[H, B, T, r]`-ordered products permuted to `[B, T, H, r]`,
     # which a reshape to rows would copy.
