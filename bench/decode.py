@@ -66,12 +66,13 @@ E2E_CONFIGS: list[Any] = []  # filled by `attention_alone`; the default first
 
 # ================================================================================================ utilities
 def kernel_label(cfg: Any) -> str:
-    """``head-major 64/4/3`` style: layout, tokens per tile / warps / stages (+ occupancy). Also labels run 3's
-    records of the since removed tensor-descriptor (``/tma``) and padded-row (``rows>=64``) variants."""
+    """``balanced 64/4/3`` style: schedule, tokens per tile / warps / stages (+ occupancy). Also labels the records
+    of runs 1-3 (split schedule; the since removed token-major, tensor-descriptor ``/tma`` and padded-row
+    ``rows>=64`` variants)."""
     if cfg is None:
         return "-"
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
-    name = ("token-major" if c["transposed"] else "head-major") + ("/tma" if c.get("tma") else "")
+    name = c.get("schedule", "splits") + (" token-major" if c.get("transposed") else "") + ("/tma" if c.get("tma") else "")
     extra = (f" rows>={c['min_block_h']}" if c.get("min_block_h", 16) > 32 else "") + (f" occ{c['ctas_per_sm']}" if c.get("ctas_per_sm", 1) > 1 else "")
     extra += (" half-partials" if c.get("half_partials") else "") + (" fused-merge" if c.get("fused_merge") else "")
     return f"{name} {c['block_n']}/{c['num_warps']}/{c['num_stages']}{extra}"
@@ -238,9 +239,9 @@ def check_kernel(dev: torch.device) -> None:
             q_lat.float(), q_rope.float(), buf[:, :filled, :512].float(), buf[:, :filled, 512:].float(), 0.07,
             None if mask is None else (mask[..., :filled] if mask.dtype == torch.bool else mask[..., :filled].float()),
         )
-        for cfg in (KernelConfig(block_n=64, num_warps=4), KernelConfig(block_n=64, num_warps=8, transposed=True),
-                    KernelConfig(block_n=32, num_warps=4, num_stages=3, transposed=True),
+        for cfg in (KernelConfig(block_n=64, num_warps=4), KernelConfig(block_n=64, num_warps=8, num_stages=3),
                     KernelConfig(block_n=64, num_warps=4, num_stages=3),
+                    KernelConfig(block_n=64, num_warps=4, num_stages=3, schedule="splits"),
                     KernelConfig(block_n=64, num_warps=4, num_stages=3, fused_merge=True, half_partials=True)):
             try:
                 out = decode_attention_triton(q_lat, q_rope, buf[..., :512], buf[..., 512:], 0.07, mask, kv_len, config=cfg)
@@ -405,18 +406,18 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         # Run 3 added deeper pipelines (two tiles in flight where shared memory allows: head-major BN=64 with 3
         # stages needs ~221 KiB) and won with head-major 64/4/3, now the default. It also swept tensor-descriptor
         # (TMA) loads in both layouts and a 64-row padded head-major block: all slower, removed (commit 4bed150).
+        # This run (4) adds the balanced schedule (one program per multiprocessor, equal shares of all rows'
+        # tiles; `schedule="balanced"`, the new library default) against run 3's split schedule, and times the
+        # fixed-cost changes (no query concatenation, 16-bit partials, the merge in the last program).
         K = md.KernelConfig
         sweep = [
+            K(block_n=64, num_warps=4, num_stages=3, schedule="splits"),  # run 3's default
             K(block_n=64, num_warps=4, num_stages=2),
-            K(block_n=64, num_warps=4, num_stages=2, transposed=True),
-            K(block_n=32, num_warps=4, num_stages=3),
-            K(block_n=32, num_warps=4, num_stages=4),
-            K(block_n=16, num_warps=4, num_stages=4, transposed=True, ctas_per_sm=2),
-            K(block_n=64, num_warps=8, num_stages=3),
-            # the fixed cost per call (~30 µs in run 3): 16-bit partials, the merge in the last program, both
+            K(block_n=64, num_warps=4, num_stages=2, schedule="splits"),
             K(block_n=64, num_warps=4, num_stages=3, half_partials=True),
             K(block_n=64, num_warps=4, num_stages=3, fused_merge=True),
             K(block_n=64, num_warps=4, num_stages=3, fused_merge=True, half_partials=True),
+            K(block_n=32, num_warps=4, num_stages=4),
         ]
     for s in contexts:
         for b in batches:
@@ -476,15 +477,20 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
                 free(dev)
     if use_triton and best_cfg and not smoke:
         # The end-to-end part times the converted models with the library default and with the configurations
-        # winning the batch >= 16 shapes here (at most `E2E_KERNELS` in all): alone and inside a whole decode step
-        # the order has differed (run 2: token-major 12% faster alone, 10% slower inside Llama-2-7B).
+        # winning the batch >= 16 shapes here and run 3's default (at most `E2E_KERNELS` in all): alone and inside
+        # a whole decode step the order has differed (run 2: token-major 12% faster alone, 10% slower inside
+        # Llama-2-7B).
         from collections import Counter
 
         wins = [cfg for cfg, _ in Counter(cfg for (b, s), cfg in best_cfg.items() if b >= 16).most_common()]
         if adopt_best and wins:
             md.DEFAULT_CONFIG = wins[0]
             log(f"kernel default for the rest of the run: {asdict(md.DEFAULT_CONFIG)}")
-        E2E_CONFIGS.extend(cfg for cfg in wins if cfg != md.DEFAULT_CONFIG)
+        # the sweep's winner and run 3's default (the split schedule) beside the default
+        run3 = md.KernelConfig(num_stages=3, schedule="splits")
+        for cfg in [*wins[:1], run3]:
+            if cfg != md.DEFAULT_CONFIG and cfg not in E2E_CONFIGS:
+                E2E_CONFIGS.append(cfg)
         del E2E_CONFIGS[E2E_KERNELS - 1:]
     if use_triton:
         E2E_CONFIGS.insert(0, md.DEFAULT_CONFIG)
@@ -562,7 +568,7 @@ def e2e(dev: torch.device, copy_bw: float, smoke: bool, budget_s: float) -> None
     new_tokens = 4 if smoke else 128
     mem_limit = (8 << 20) if smoke else 70 * GiB
     rank, rope = (32, 8) if smoke else (512, 64)
-    for name in ("llama2-7b", "llama3-8b"):
+    for name in ("llama3-8b", "llama2-7b"):  # the GQA shape first: its goal is the one not yet met
         cfg = llama_config(name, smoke)
         log(f"building {name} ({'smoke' if smoke else 'full'}) on {dev}")
         model = build_on_device(LlamaForCausalLM, cfg, dev, dtype)

@@ -65,8 +65,13 @@ def expand_output(module: nn.Module, o_lat: torch.Tensor) -> torch.Tensor:
     b, t, h, r = o_lat.shape
     _, w_uv = _up_weights(module)
     o = o_lat.permute(2, 0, 1, 3).reshape(h, b * t, r)
-    out = torch.bmm(o, w_uv.transpose(1, 2))  # [H, B·T, d_v]
-    return out.permute(1, 0, 2).reshape(b, t, h * module.v_head_dim)
+    if torch.is_grad_enabled() and (o.requires_grad or w_uv.requires_grad):  # `out=` has no autograd
+        return torch.bmm(o, w_uv.transpose(1, 2)).permute(1, 0, 2).reshape(b, t, h * module.v_head_dim)
+    out = o.new_empty(b * t, h, module.v_head_dim)
+    # the per-head products written straight into `[B·T, H, d_v]` (cuBLAS takes the output's row stride), so
+    # `o_proj` reads them without a copy between layouts
+    torch.bmm(o, w_uv.transpose(1, 2), out=out.transpose(0, 1))
+    return out.view(b, t, h * module.v_head_dim)
 
 
 def _cache_length(cache: Any, layer_idx: int) -> torch.Tensor | None:

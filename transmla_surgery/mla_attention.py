@@ -70,8 +70,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        # `x · rsqrt(mean(x²) + eps)` in float32, as DeepSeek-V3's; `F.rms_norm` is one fused kernel on CUDA
+        # where the spelled-out form is five (this runs in every layer of every decode step)
+        h = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.variance_epsilon)
         return self.weight * h.to(dtype)
 
 

@@ -1,0 +1,103 @@
+"""The Triton decode kernels compiled for Hopper (sm_90) without a GPU: Triton's own compiler and the ``ptxas``
+shipped in its wheel run on the CPU. Catches what the interpreter cannot (type rules of the compiler, a loop
+the software pipeliner no longer pipelines, shared memory past the 227 KiB a Hopper block may use) before a
+GPU run does.
+
+The compilation runs in a child interpreter without ``TRITON_INTERPRET``: Triton binds its language functions to
+the interpreter or the compiler once, when first imported, and other test modules import it interpreted."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+HOPPER_SMEM_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
+
+
+def _compile_all() -> dict:
+    """Child side: compile each variant, report shared memory and pipelining evidence from the PTX."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from transmla_surgery.kernels import mla_decode as md
+
+    md._merge_if_last = JITFunction(md._merge_if_last_fn)
+
+    def build(fn, consts: dict, ptrs: dict, stages: int, warps: int = 4) -> dict:
+        names = list(inspect.signature(fn).parameters)
+        sig = {}
+        for n in names:
+            if n in consts:
+                sig[n] = "constexpr"
+            elif n in ptrs:
+                sig[n] = ptrs[n]
+            elif n == "sm_scale_log2":
+                sig[n] = "fp32"
+            else:
+                sig[n] = "i64" if n.startswith("stride") else "i32"
+        # what a launch from PyTorch specialises: 16-byte aligned pointers, strides that are multiples of 16
+        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                   if sig[n].startswith("*") or (n.startswith("stride") and n not in ("stride_lb", "stride_lsem"))}
+        k = triton.compile(ASTSource(JITFunction(fn), sig, consts, aligned), target=GPUTarget("cuda", 90, 64),
+                           options={"num_warps": warps, "num_stages": stages})
+        ptx = k.asm["ptx"]
+        return {"shared": k.metadata.shared, "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+                "mma": ptx.count("mma.sync")}
+
+    out = {}
+    for dtype in ("bf16", "fp16"):
+        for stages in (2, 3):
+            for mask_mode, has_len, fused, half in ((0, True, False, False), (1, True, True, True), (2, False, False, True)):
+                consts = dict(DL=512, DR=64, BLOCK_DL=512, BLOCK_DR=64, BLOCK_H=32, BLOCK_N=64, MASK_MODE=mask_mode,
+                              HAS_LEN=has_len, IEEE=False, FUSED=fused)
+                ptrs = dict(QL=f"*{dtype}", QR=f"*{dtype}", C=f"*{dtype}", KR=f"*{dtype}",
+                            Mask="*u8" if mask_mode == 1 else f"*{dtype}", Len="*i64",
+                            O_part=f"*{dtype}" if half else "*fp32", Lse="*fp32", Out=f"*{dtype}", Counter="*i32")
+                key = f"stage1 {dtype} stages={stages} mask={mask_mode} len={has_len} fused={fused} half={half}"
+                out[key] = build(md._stage1_fn, consts, ptrs, stages)
+        out[f"stage2 {dtype}"] = build(md._stage2_fn, dict(DL=512, BLOCK_DL=512, BLOCK_S=16, BLOCK_H=32),
+                                       dict(O_part="*fp32", Lse="*fp32", Out=f"*{dtype}"), 2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_variant_compiles_for_hopper_within_its_shared_memory(compiled):
+    assert len(compiled) == 2 * (2 * 3 + 1)
+    for key, info in compiled.items():
+        assert info["shared"] <= HOPPER_SMEM_BYTES, (key, info)
+        if key.startswith("stage1"):
+            assert info["mma"] > 0, key  # both products on tensor cores
+
+
+def test_the_cache_loop_is_software_pipelined(compiled):
+    """The tile loop sits inside the loop over a program's rows; Triton pipelines only innermost loops, and a
+    pipelined loop shows as asynchronous copies whose shared memory grows with the stage count."""
+    for dtype in ("bf16", "fp16"):
+        two = compiled[f"stage1 {dtype} stages=2 mask=0 len=True fused=False half=False"]
+        three = compiled[f"stage1 {dtype} stages=3 mask=0 len=True fused=False half=False"]
+        assert two["cp_async"] > 0 and three["cp_async"] > 0
+        assert three["shared"] > two["shared"]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    print(json.dumps(_compile_all()))
