@@ -66,13 +66,14 @@ E2E_CONFIGS: list[Any] = []  # filled by `attention_alone`; the default first
 
 # ================================================================================================ utilities
 def kernel_label(cfg: Any) -> str:
-    """``balanced 64/4/3`` style: schedule, tokens per tile / warps / stages (+ occupancy). Also labels the records
-    of runs 1-3 (split schedule; the since removed token-major, tensor-descriptor ``/tma`` and padded-row
-    ``rows>=64`` variants)."""
+    """``head-major 64/4/3`` style: layout, tokens per tile / warps / stages (+ occupancy). Also labels the records
+    of the since removed token-major, tensor-descriptor (``/tma``), padded-row (``rows>=64``) and balanced-schedule
+    variants (runs 3 and 4a)."""
     if cfg is None:
         return "-"
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
-    name = c.get("schedule", "splits") + (" token-major" if c.get("transposed") else "") + ("/tma" if c.get("tma") else "")
+    name = ("token-major" if c.get("transposed") else "balanced" if c.get("schedule") == "balanced" else "head-major")
+    name += "/tma" if c.get("tma") else ""
     extra = (f" rows>={c['min_block_h']}" if c.get("min_block_h", 16) > 32 else "") + (f" occ{c['ctas_per_sm']}" if c.get("ctas_per_sm", 1) > 1 else "")
     extra += (" half-partials" if c.get("half_partials") else "") + (" fused-merge" if c.get("fused_merge") else "")
     return f"{name} {c['block_n']}/{c['num_warps']}/{c['num_stages']}{extra}"
@@ -241,7 +242,6 @@ def check_kernel(dev: torch.device) -> None:
         )
         for cfg in (KernelConfig(block_n=64, num_warps=4), KernelConfig(block_n=64, num_warps=8, num_stages=3),
                     KernelConfig(block_n=64, num_warps=4, num_stages=3),
-                    KernelConfig(block_n=64, num_warps=4, num_stages=3, schedule="splits"),
                     KernelConfig(block_n=64, num_warps=4, num_stages=3, fused_merge=True, half_partials=True)):
             try:
                 out = decode_attention_triton(q_lat, q_rope, buf[..., :512], buf[..., 512:], 0.07, mask, kv_len, config=cfg)
@@ -406,18 +406,16 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         # Run 3 added deeper pipelines (two tiles in flight where shared memory allows: head-major BN=64 with 3
         # stages needs ~221 KiB) and won with head-major 64/4/3, now the default. It also swept tensor-descriptor
         # (TMA) loads in both layouts and a 64-row padded head-major block: all slower, removed (commit 4bed150).
-        # This run (4) adds the balanced schedule (one program per multiprocessor, equal shares of all rows'
-        # tiles; `schedule="balanced"`, the new library default) against run 3's split schedule, and times the
-        # fixed-cost changes (no query concatenation, 16-bit partials, the merge in the last program).
+        # Run 4 timed a balanced one-program-per-SM schedule (commit 1980ec3) and found that kernel 40% slower
+        # than run 3's at every shape (the direct store of whole rows after the tile loop alone cost that; see
+        # decode.md); it was removed. This sweep times the fixed-cost options on run 3's kernel and 8 warps.
         K = md.KernelConfig
         sweep = [
-            K(block_n=64, num_warps=4, num_stages=3, schedule="splits"),  # run 3's default
             K(block_n=64, num_warps=4, num_stages=2),
-            K(block_n=64, num_warps=4, num_stages=2, schedule="splits"),
+            K(block_n=64, num_warps=8, num_stages=3),
             K(block_n=64, num_warps=4, num_stages=3, half_partials=True),
             K(block_n=64, num_warps=4, num_stages=3, fused_merge=True),
             K(block_n=64, num_warps=4, num_stages=3, fused_merge=True, half_partials=True),
-            K(block_n=32, num_warps=4, num_stages=4),
         ]
     for s in contexts:
         for b in batches:
@@ -477,7 +475,7 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
                 free(dev)
     if use_triton and best_cfg and not smoke:
         # The end-to-end part times the converted models with the library default and with the configurations
-        # winning the batch >= 16 shapes here and run 3's default (at most `E2E_KERNELS` in all): alone and inside
+        # winning the batch >= 16 shapes here and the two-stage one (at most `E2E_KERNELS` in all): alone and inside
         # a whole decode step the order has differed (run 2: token-major 12% faster alone, 10% slower inside
         # Llama-2-7B).
         from collections import Counter
@@ -486,9 +484,9 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         if adopt_best and wins:
             md.DEFAULT_CONFIG = wins[0]
             log(f"kernel default for the rest of the run: {asdict(md.DEFAULT_CONFIG)}")
-        # the sweep's winner and run 3's default (the split schedule) beside the default
-        run3 = md.KernelConfig(num_stages=3, schedule="splits")
-        for cfg in [*wins[:1], run3]:
+        # the sweep's winner and the two-stage kernel (the 11.03× of run 3) beside the default
+        two_stage = md.KernelConfig(num_stages=2)
+        for cfg in [*wins[:1], two_stage]:
             if cfg != md.DEFAULT_CONFIG and cfg not in E2E_CONFIGS:
                 E2E_CONFIGS.append(cfg)
         del E2E_CONFIGS[E2E_KERNELS - 1:]

@@ -76,7 +76,7 @@ def main() -> None:
     g, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     use_triton = dev.type == "cuda" and D.triton_available()
     default = md.DEFAULT_CONFIG
-    kernels = [default, md.KernelConfig(num_stages=3, schedule="splits")]  # the default and run 3's split schedule
+    kernels = [default, md.KernelConfig(num_stages=2)]  # the default (three stages) and the two-stage one
     for side in ("original", "mla"):
         b = batches[side]
         configs = kernels if (side == "mla" and use_triton) else [None]

@@ -42,11 +42,10 @@ from transmla_surgery.kernels import decode_attention_reference, set_decode_back
 from transmla_surgery.kernels.mla_decode import KernelConfig, choose_num_splits, decode_attention_triton  # noqa: E402
 
 SMALL = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1)
-# the segments merged by the last program of each row, partials in 16 bits (float32 inputs keep float32)
+# the splits merged by the last program of each row block, partials in 16 bits (float32 inputs keep float32)
 SMALL_FUSED = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1, fused_merge=True, half_partials=True)
-SMALL_SPLITS = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=1, schedule="splits")
-CONFIGS = [SMALL, SMALL_FUSED, SMALL_SPLITS]
-CONFIG_IDS = ["balanced", "fused", "splits"]
+CONFIGS = [SMALL, SMALL_FUSED]
+CONFIG_IDS = ["two_launches", "fused"]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
@@ -249,39 +248,15 @@ def test_custom_op_fake_matches_the_kernel():
 
 @in_process
 def test_fused_merge_leaves_its_counters_at_zero():
-    """The last program of each row merges its segments and resets its arrival counter: after a launch every
+    """The last program of each row block merges the splits and resets its arrival counter: after a launch every
     counter is zero again, and a second launch on the same counters (a CUDA-graph replay) gives the same output."""
     from transmla_surgery.kernels import mla_decode as md
 
+    cfg = SMALL_FUSED
     q_lat, q_rope, lat, kr, _ = _inputs(3, 1, 20, 32, 16, 70, torch.float16, seed=12)  # 20 heads: 2 row blocks
-    first = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_programs=7, config=SMALL_FUSED)
+    first = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=4, config=cfg)
     counters = md._COUNTERS[first.device]
     assert int(counters.abs().sum()) == 0
-    second = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_programs=7, config=SMALL_FUSED)
+    second = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=4, config=cfg)
     assert torch.equal(first, second)
     assert _err(first, _ref(q_lat, q_rope, lat, kr, 0.1)) < TOL[torch.float16]
-
-
-@in_process
-@pytest.mark.parametrize("cfg", [SMALL, SMALL_FUSED], ids=["two_launches", "fused"])
-@pytest.mark.parametrize("programs", [1, 4, 7, 11, 30, 1000])
-def test_balanced_schedule_any_program_count(cfg, programs):
-    """Programs whose equal shares of the rows × tiles grid start and end inside rows and span several rows
-    (3 batch elements × 2 head blocks × 5 tiles = 30 tiles; 1000 is clamped to one tile each), with a causal
-    multi-token query and per-batch lengths that leave some programs nothing to read."""
-    q_lat, q_rope, lat, kr, buf = _inputs(3, 2, 10, 32, 16, 70, torch.float32, seed=13)  # 20 query rows
-    filled = torch.tensor([70, 33, 2], device=DEVICE)
-    mask = torch.ones(3, 2, 70, dtype=torch.bool, device=DEVICE)
-    for i, n in enumerate(filled.tolist()):
-        mask[i, :, n:] = False
-        mask[i, 0, n - 1] = False  # causal: the first query token does not see the last filled position
-    buf[1, 33:] = float("nan")  # never read: past the filled length
-    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, mask, filled, num_programs=programs, config=cfg)
-    ref = torch.cat([_ref(q_lat[i:i + 1], q_rope[i:i + 1], lat[i:i + 1, :n], kr[i:i + 1, :n], 0.1, mask[i:i + 1, :, :n])
-                     for i, n in enumerate(filled.tolist())])
-    assert _err(out, ref) < 1e-5
-
-
-def test_kernel_config_rejects_an_unknown_schedule():
-    with pytest.raises(ValueError, match="schedule"):
-        KernelConfig(schedule="round-robin")

@@ -4,24 +4,21 @@ Same contract as `reference.decode_attention_reference` (shapes there): ``T·H``
 ``r + d_rope`` attend over one shared KV stream whose key is ``[c_s ; k_rope,s]`` and whose value is ``c_s``.
 
 Two launches:
-1. ``_stage1_fn``: the work is a grid of rows × tiles: a row is one batch element's ``BLOCK_H`` query rows (all
-   heads of a token when ``H <= BLOCK_H``, so each cached token is read once for all heads), a tile is
-   ``BLOCK_N`` cached tokens. ``P`` programs (one per multiprocessor by default) take equal contiguous ranges of
-   that grid, which may start and end inside a row and span several rows (a balanced, "stream-K" schedule:
-   every multiprocessor reads the same number of tiles, with no partial last wave whatever the batch and
-   context). For each row segment a program runs an online softmax over its tiles (two tensor-core products
-   per tile: scores ``q · [c; k_rope]ᵀ`` and output ``p · c``, the value tile being the key tile already
-   loaded). A row held by one program is written whole; otherwise each segment writes a normalised partial
-   output (float32, or 16 bits with `KernelConfig.half_partials`) and its log-sum-exp (base 2).
-2. ``_stage2_fn``: grid ``(query rows, batch)``: merges each shared row's segments by their log-sum-exps. With
-   `KernelConfig.fused_merge` there is no second launch: the last program of a row to finish, counted by an
-   atomic, merges them (`_merge_if_last_fn`). Without shared rows there is no merge at all.
+1. ``_stage1_fn``: grid ``(head blocks, splits, batch)``. Each program takes ``BLOCK_H`` query rows (all heads of a
+   token when ``H <= BLOCK_H``, so each cached token is read once for all heads) and one contiguous split of the
+   cached sequence, runs an online softmax over ``BLOCK_N``-token tiles (two tensor-core products per tile:
+   scores ``q · [c; k_rope]ᵀ`` and output ``p · c``, the value tile being the key tile already loaded) and writes
+   a normalised partial output (float32, or 16 bits with `KernelConfig.half_partials`) and its log-sum-exp
+   (base 2).
+2. ``_stage2_fn``: grid ``(rows, batch)``: merges the splits by their log-sum-exps. With
+   `KernelConfig.fused_merge` there is no second launch: the last program of each (batch, row block) to finish,
+   counted by an atomic, merges them (`_merge_if_last_fn`).
 
 Queries are read in place through their batch, token and head strides; the output ``[B, T, H, r]`` is a view
 of head-major storage (``[H, B, T, r]``), the layout the per-head up-projection after it reads without a copy.
 
-`KernelConfig(schedule="splits")` keeps the earlier scheme: each row cut into the same number of splits,
-chosen so that the programs fill the multiprocessors in whole waves (`choose_num_splits`). Masks: none (causal, aligned at the end, as the reference), bool
+The number of splits is chosen so that ``batch × head blocks × splits`` programs fill the GPU's multiprocessors
+in whole waves (`choose_num_splits`). Masks: none (causal, aligned at the end, as the reference), bool
 (True = attend, read as bytes) or additive float, each ``[B or 1, T, S]`` with any strides. An optional
 per-batch (or scalar) length tensor bounds the tokens read (a static cache's filled length: positions past it
 are masked anyway), without a host sync, so the launch can be captured in a CUDA graph. A row whose every key
@@ -56,7 +53,7 @@ def triton_available() -> bool:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters of stage 1. ``ctas_per_sm`` is the occupancy assumed (programs per multiprocessor)."""
+    """Launch parameters of stage 1. ``ctas_per_sm`` is the occupancy assumed when choosing the split count."""
 
     block_n: int = 64  # cached tokens per tile
     block_h: int = 32  # query rows (heads × query tokens) per program
@@ -65,58 +62,50 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     ctas_per_sm: int = 1
-    # "balanced": one program per multiprocessor slot, each taking an equal share of all rows' tiles; "splits":
-    # every row cut into `choose_num_splits` splits, one program each (the scheme timed in runs 1-3).
-    schedule: str = "balanced"
     # Each split's partial output in the cache's 16-bit dtype instead of float32: half the bytes written by
     # stage 1 and read back by the merge (the merge itself accumulates in float32).
     half_partials: bool = False
-    # The last program of each row (batch, head block) merges the row's segments itself (arrivals counted with an atomic),
+    # The last program of each (batch, row block) merges the splits itself (arrivals counted with an atomic),
     # instead of a second kernel launch. Assumes one decode launch at a time per device: the arrival counters
     # are shared.
     fused_merge: bool = False
 
-    def __post_init__(self) -> None:
-        if self.schedule not in ("balanced", "splits"):
-            raise ValueError(f"KernelConfig.schedule must be 'balanced' or 'splits', got {self.schedule!r}")
 
-
-# Default launch parameters. Tiles, warps and stages from `bench/decode.py` on an H200 (bench/results/decode.md,
-# run 3): 64-token tiles, 4 warps, 3 stages. The third stage (184 KiB of shared memory as compiled for sm_90,
+# Default launch parameters, from `bench/decode.py` on an H200 (bench/results/decode.md, runs 3 and 4): 64-token
+# tiles, 4 warps, 3 stages. The third stage (184 KiB of shared memory as compiled for sm_90,
 # `tests/test_kernel_compile.py`) keeps two tiles in flight while one is multiplied; with two stages the next
 # load only starts once the previous one has landed, and each SM waits out a full memory latency per tile. Alone
-# it was 19-28% faster than two stages at batch >= 16 (batch 64 × 8K: 187 against 247 µs, 77% of the copy
+# it is 19-28% faster than two stages at batch >= 16 (batch 64 × 8K: 187 against 247 µs, 77% of the copy
 # bandwidth); inside the whole model Llama-3-8B-shaped decoding gained 8% at 8K and 10% at 16K, Llama-2-7B-shaped
-# lost 4%. Tensor-descriptor (TMA) loads and a 64-row padded block (warpgroup MMA) were slower and were removed
-# (commit 4bed150 has them), as was the token-major variant (`transposed`, slower than this in every run-3
-# shape). GPUs with less shared memory fall back to two stages, then to `SAFE_CONFIG`. The balanced schedule
-# replaces run 3's splits (`schedule="splits"`): with one program per multiprocessor there is no partial last
-# wave, whose cost the split-count model could not predict (one layer at batch 191 × 8K: 542-692 µs by split count).
+# lost 4%. Slower on the H200 and removed again: tensor-descriptor (TMA) loads and a 64-row padded block for
+# warpgroup MMA (commit 4bed150 has them), the token-major variant, and a balanced one-program-per-SM schedule
+# (commit 1980ec3; why in decode.md, run 4). GPUs with less shared memory fall back to two stages, then to
+# `SAFE_CONFIG`.
 DEFAULT_CONFIG = KernelConfig(num_stages=3)
 # Small tiles that fit any supported GPU: the fallback when a launch runs out of shared memory or registers.
 SAFE_CONFIG = KernelConfig(block_n=16, num_warps=4, num_stages=2)
 
 
 def _merge_if_last_fn(
-    O_part, Lse, Out, Counter, b, row, nseg, rows, row_ok, t_row, H,
+    O_part, Lse, Out, Counter, b, pid_h, rows, row_ok, t_row, H,
     stride_ob, stride_om, stride_os, stride_lseb, stride_lsem,
     stride_outb, stride_outt, stride_outh,
     DL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DL: tl.constexpr,
 ):
-    """`KernelConfig.fused_merge`: count this program's arrival for its row (batch, row block); the last of the
-    row's ``nseg`` programs to arrive merges their normalised partial outputs by their log-sum-exps (base 2),
-    online over the segments, stores the result and resets the counter. Partials written by other programs are
-    read through L2."""
+    """`KernelConfig.fused_merge`: count this program's arrival for its (batch, row block); the last of the
+    splits to arrive merges their normalised partial outputs by their log-sum-exps (base 2), online over the
+    splits, stores the result and resets the counter. Partials written by other programs are read through L2."""
     tl.debug_barrier()  # every thread's partial stores are issued before the arrival is counted
-    arrival = Counter + row
-    if tl.atomic_add(arrival, 1, sem="acq_rel") == nseg - 1:  # the last segment to arrive
+    arrival = Counter + b * tl.num_programs(0) + pid_h
+    num_splits = tl.num_programs(1)
+    if tl.atomic_add(arrival, 1, sem="acq_rel") == num_splits - 1:  # the last split to arrive
         tl.debug_barrier()
         dl = tl.arange(0, BLOCK_DL)
         ok = row_ok[:, None] & (dl < DL)[None, :]
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         den = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_DL], tl.float32)
-        for j in range(0, nseg):
+        for j in range(0, num_splits):
             lj = tl.load(Lse + b * stride_lseb + rows * stride_lsem + j, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
             m_new = tl.maximum(m, lj)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -143,107 +132,93 @@ def _stage1_fn(
     stride_ob, stride_om, stride_os,
     stride_lseb, stride_lsem,
     stride_outb, stride_outt, stride_outh,
-    S, T, H, M, TILES, HEAD_BLOCKS, TOTAL, sm_scale_log2,
+    S, T, H, M, split_len, sm_scale_log2,
     DL: tl.constexpr, DR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LEN: tl.constexpr,
     IEEE: tl.constexpr, FUSED: tl.constexpr,
 ):
-    """One program of the balanced schedule: the global tiles ``[pid·TOTAL // P, (pid+1)·TOTAL // P)`` of the
-    ``rows × TILES`` grid (row = batch × head block, ``TILES`` tiles of ``BLOCK_N`` cached tokens each), one
-    online softmax per row segment it touches."""
-    pid = tl.program_id(0).to(tl.int64)
-    P = tl.num_programs(0)
-    g0 = pid * TOTAL // P
-    g1 = (pid + 1) * TOTAL // P
+    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = rows < M
+    t_row = rows // H  # query token of each row (rows are ordered token-major, head-minor)
     dl = tl.arange(0, BLOCK_DL)
     dr = tl.arange(0, BLOCK_DR)
     dl_ok = dl < DL
     dr_ok = dr < DR
 
-    for row in range(g0 // TILES, (g1 - 1) // TILES + 1):  # int64: the pointer offsets below need it
-        b = row // HEAD_BLOCKS
-        rows = (row - b * HEAD_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)  # query rows of this head block
-        row_ok = rows < M
-        t_row = rows // H  # query token of each row (rows are ordered token-major, head-minor)
-        h_row = rows - t_row * H
-        ql_off = t_row * stride_qlt + h_row * stride_qlh  # rows address [token, head] through both strides: no copy
-        qr_off = t_row * stride_qrt + h_row * stride_qrh
-        q_l = tl.load(QL + b * stride_qlb + ql_off[:, None] + dl[None, :], mask=row_ok[:, None] & dl_ok[None, :], other=0.0)
-        q_r = tl.load(QR + b * stride_qrb + qr_off[:, None] + dr[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0)
+    h_row = rows - t_row * H
+    ql_off = t_row * stride_qlt + h_row * stride_qlh  # rows address [token, head] through both strides: no copy
+    qr_off = t_row * stride_qrt + h_row * stride_qrh
+    q_l = tl.load(QL + b * stride_qlb + ql_off[:, None] + dl[None, :], mask=row_ok[:, None] & dl_ok[None, :], other=0.0)
+    q_r = tl.load(QR + b * stride_qrb + qr_off[:, None] + dr[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0)
 
-        kv_len = S
-        if HAS_LEN:
-            kv_len = tl.minimum(tl.load(Len + b * stride_lb).to(tl.int32), S)
-        row_start = row * TILES
-        start = ((tl.maximum(g0, row_start) - row_start) * BLOCK_N).to(tl.int32)
-        end = tl.minimum(((tl.minimum(g1, row_start + TILES) - row_start) * BLOCK_N).to(tl.int32), kv_len)
-        # causal limit of each row without a mask: row of token t sees s < kv_len - T + t + 1
-        row_limit = kv_len - T + t_row + 1
+    kv_len = S
+    if HAS_LEN:
+        kv_len = tl.minimum(tl.load(Len + b * stride_lb).to(tl.int32), S)
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, kv_len)
+    # causal limit of each row without a mask: row of token t sees s < kv_len - T + t + 1
+    row_limit = kv_len - T + t_row + 1
 
-        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_DL], tl.float32)
-        c_base = C + b * stride_cb
-        r_base = KR + b * stride_rb
-        for s0 in range(start, end, BLOCK_N):
-            offs = s0 + tl.arange(0, BLOCK_N)
-            s_ok = offs < end
-            c = tl.load(c_base + offs[:, None] * stride_cs + dl[None, :], mask=s_ok[:, None] & dl_ok[None, :], other=0.0)
-            kr = tl.load(r_base + offs[:, None] * stride_rs + dr[None, :], mask=s_ok[:, None] & dr_ok[None, :], other=0.0)
-            if IEEE:
-                qk = tl.dot(q_l, tl.trans(c), input_precision="ieee")
-                qk = tl.dot(q_r, tl.trans(kr), acc=qk, input_precision="ieee")
-            else:
-                qk = tl.dot(q_l, tl.trans(c))
-                qk = tl.dot(q_r, tl.trans(kr), acc=qk)
-            qk = qk * sm_scale_log2
-            valid = s_ok[None, :] & row_ok[:, None]
-            if MASK_MODE == 0:
-                valid = valid & (offs[None, :] < row_limit[:, None])
-            elif MASK_MODE == 1:
-                mv = tl.load(
-                    Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
-                    mask=row_ok[:, None] & s_ok[None, :], other=0,
-                )
-                valid = valid & (mv != 0)
-            else:
-                bias = tl.load(
-                    Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
-                    mask=row_ok[:, None] & s_ok[None, :], other=0.0,
-                )
-                # clamp first: the dtype's most negative value times log2(e) would overflow float32
-                qk = qk + tl.maximum(bias.to(tl.float32), -1.0e30) * 1.4426950408889634
-            qk = tl.where(valid, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: keep exp2 finite
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None])
-            m_i = m_new
-
-        has = l_i > 0.0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        # the programs sharing this row: the one holding tile x is ((x + 1)·P - 1) // TOTAL
-        first = ((row_start + 1) * P - 1) // TOTAL
-        nseg = ((row_start + TILES) * P - 1) // TOTAL - first + 1
-        ok = row_ok[:, None] & dl_ok[None, :]
-        if nseg == 1:  # the whole row in this program: the final output, no partial and no merge
-            tl.store(Out + b * stride_outb + t_row[:, None] * stride_outt + h_row[:, None] * stride_outh + dl[None, :],
-                     out.to(Out.dtype.element_ty), mask=ok)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DL], tl.float32)
+    c_base = C + b * stride_cb
+    r_base = KR + b * stride_rb
+    for s0 in range(start, end, BLOCK_N):
+        offs = s0 + tl.arange(0, BLOCK_N)
+        s_ok = offs < end
+        c = tl.load(c_base + offs[:, None] * stride_cs + dl[None, :], mask=s_ok[:, None] & dl_ok[None, :], other=0.0)
+        kr = tl.load(r_base + offs[:, None] * stride_rs + dr[None, :], mask=s_ok[:, None] & dr_ok[None, :], other=0.0)
+        if IEEE:
+            qk = tl.dot(q_l, tl.trans(c), input_precision="ieee")
+            qk = tl.dot(q_r, tl.trans(kr), acc=qk, input_precision="ieee")
         else:
-            seg = pid - first
-            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-            tl.store(O_part + b * stride_ob + rows[:, None] * stride_om + seg * stride_os + dl[None, :],
-                     out.to(O_part.dtype.element_ty), mask=ok)
-            tl.store(Lse + b * stride_lseb + rows * stride_lsem + seg, lse, mask=row_ok)
-            if FUSED:  # the row's last program to finish merges its segments: no second launch
-                _merge_if_last(O_part, Lse, Out, Counter, b, row, nseg, rows, row_ok, t_row, H,
-                               stride_ob, stride_om, stride_os, stride_lseb, stride_lsem,
-                               stride_outb, stride_outt, stride_outh, DL, BLOCK_H, BLOCK_DL)
+            qk = tl.dot(q_l, tl.trans(c))
+            qk = tl.dot(q_r, tl.trans(kr), acc=qk)
+        qk = qk * sm_scale_log2
+        valid = s_ok[None, :] & row_ok[:, None]
+        if MASK_MODE == 0:
+            valid = valid & (offs[None, :] < row_limit[:, None])
+        elif MASK_MODE == 1:
+            mv = tl.load(
+                Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
+                mask=row_ok[:, None] & s_ok[None, :], other=0,
+            )
+            valid = valid & (mv != 0)
+        else:
+            bias = tl.load(
+                Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
+                mask=row_ok[:, None] & s_ok[None, :], other=0.0,
+            )
+            # clamp first: the dtype's most negative value times log2(e) would overflow float32
+            qk = qk + tl.maximum(bias.to(tl.float32), -1.0e30) * 1.4426950408889634
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: keep exp2 finite
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None])
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    o_ptr = O_part + b * stride_ob + rows[:, None] * stride_om + pid_s * stride_os + dl[None, :]
+    tl.store(o_ptr, out.to(O_part.dtype.element_ty), mask=row_ok[:, None] & dl_ok[None, :])
+    tl.store(Lse + b * stride_lseb + rows * stride_lsem + pid_s, lse, mask=row_ok)
+
+    if FUSED:  # the last program of this (batch, row block) to finish merges the splits: no second launch
+        _merge_if_last(O_part, Lse, Out, Counter, b, pid_h, rows, row_ok, t_row, H,
+                       stride_ob, stride_om, stride_os, stride_lseb, stride_lsem,
+                       stride_outb, stride_outt, stride_outh, DL, BLOCK_H, BLOCK_DL)
 
 
 def _stage2_fn(
@@ -251,35 +226,30 @@ def _stage2_fn(
     stride_ob, stride_om, stride_os,
     stride_lseb, stride_lsem,
     stride_outb, stride_outt, stride_outh,
-    H, TILES, HEAD_BLOCKS, TOTAL, P,
-    DL: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    NUM_SPLITS, H,
+    DL: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Merge of one query row's segments by their log-sum-exps; rows held by one program were written by it."""
     m = tl.program_id(0).to(tl.int64)
+    t_row = m // H
     b = tl.program_id(1).to(tl.int64)
-    row = b * HEAD_BLOCKS + m // BLOCK_H
-    row_start = row * TILES  # the programs sharing this row, as in `_stage1_fn`
-    nseg = ((row_start + TILES) * P - 1) // TOTAL - ((row_start + 1) * P - 1) // TOTAL + 1
-    if nseg > 1:
-        t_row = m // H
-        sp = tl.arange(0, BLOCK_S)
-        lse = tl.load(Lse + b * stride_lseb + m * stride_lsem + sp, mask=sp < nseg, other=float("-inf"))
-        mx = tl.max(lse, 0)
-        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-        w = tl.exp2(lse - mx_safe)
-        denom = tl.sum(w, 0)
-        dl = tl.arange(0, BLOCK_DL)
-        dl_ok = dl < DL
-        acc = tl.zeros([BLOCK_DL], tl.float32)
-        base = O_part + b * stride_ob + m * stride_om
-        for j in range(0, nseg):
-            lj = tl.load(Lse + b * stride_lseb + m * stride_lsem + j)
-            wj = tl.exp2(lj - mx_safe)
-            o = tl.load(base + j * stride_os + dl, mask=dl_ok, other=0.0).to(tl.float32)
-            acc += wj * o
-        out = acc / tl.where(denom > 0.0, denom, 1.0)
-        out_ptr = Out + b * stride_outb + t_row * stride_outt + (m - t_row * H) * stride_outh + dl
-        tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=dl_ok)
+    sp = tl.arange(0, BLOCK_S)
+    lse = tl.load(Lse + b * stride_lseb + m * stride_lsem + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lse - mx_safe)
+    denom = tl.sum(w, 0)
+    dl = tl.arange(0, BLOCK_DL)
+    dl_ok = dl < DL
+    acc = tl.zeros([BLOCK_DL], tl.float32)
+    base = O_part + b * stride_ob + m * stride_om
+    for j in range(0, NUM_SPLITS):
+        lj = tl.load(Lse + b * stride_lseb + m * stride_lsem + j)
+        wj = tl.exp2(lj - mx_safe)
+        o = tl.load(base + j * stride_os + dl, mask=dl_ok, other=0.0).to(tl.float32)
+        acc += wj * o
+    out = acc / tl.where(denom > 0.0, denom, 1.0)
+    out_ptr = Out + b * stride_outb + t_row * stride_outt + (m - t_row * H) * stride_outh + dl
+    tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=dl_ok)
 
 
 @lru_cache(maxsize=2)
@@ -371,21 +341,15 @@ def decode_attention_triton(
     kv_len: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
-    num_programs: int | None = None,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """Triton absorbed decode; shapes as `decode_attention_reference`, plus ``kv_len`` (int tensor ``[]``,
     ``[1]`` or ``[B]``) bounding the tokens read. ``latent``/``k_rope`` may be strided views (last dim contiguous),
-    e.g. two column ranges of one ``[B, S, r + d_rope]`` buffer.
-
-    Work split: ``num_programs`` programs share the ``rows × tiles`` grid (rows = batch × head blocks) evenly;
-    ``num_splits`` instead gives ``rows × num_splits`` programs, i.e. each row cut into that many splits. Without
-    either, `KernelConfig.schedule` decides: one program per multiprocessor slot (``"balanced"``) or the split
-    count of `choose_num_splits` (``"splits"``)."""
+    e.g. two column ranges of one ``[B, S, r + d_rope]`` buffer."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     cfg = config or DEFAULT_CONFIG
-    requested = (num_splits, num_programs)
+    requested_splits = num_splits
     if latent.element_size() == 4 and cfg.block_n > 16:
         # float32 tiles take twice the shared memory: keep them within the per-block limit
         cfg = replace(cfg, block_n=16, num_stages=min(cfg.num_stages, 2))
@@ -408,28 +372,18 @@ def decode_attention_triton(
 
     block_h = max(16, min(cfg.block_h, triton.next_power_of_2(m_rows)))
     head_blocks = triton.cdiv(m_rows, block_h)
-    tiles = max(1, triton.cdiv(s, cfg.block_n))  # per row (batch × head block)
-    n_rows = b * head_blocks
-    total = n_rows * tiles
-    if num_programs is None and num_splits is None:
+    if num_splits is None:
         slots = (_sm_count(latent.device.index or 0) if latent.is_cuda else 132) * cfg.ctas_per_sm
-        if cfg.schedule == "balanced":
-            num_programs = slots
-        else:
-            num_splits = choose_num_splits(
-                b, head_blocks, s, cfg.block_n, slots, block_rows=block_h, latent_dim=r, rope_dim=dr,
-                elem_bytes=latent.element_size(),
-            )
-    if num_programs is None:
-        num_programs = n_rows * num_splits
-    num_programs = max(1, min(int(num_programs), total))
-    # the most programs one row's tiles can be shared by (each program takes at least total // P tiles)
-    chunk = total // num_programs
-    max_segments = 1 if tiles == 1 else min(num_programs, (tiles - 2) // chunk + 2)
+        num_splits = choose_num_splits(
+            b, head_blocks, s, cfg.block_n, slots, block_rows=block_h, latent_dim=r, rope_dim=dr,
+            elem_bytes=latent.element_size(),
+        )
+    split_len = triton.cdiv(triton.cdiv(s, num_splits), cfg.block_n) * cfg.block_n
+    num_splits = max(1, triton.cdiv(s, split_len))
 
     part_dtype = dtype if (cfg.half_partials and dtype != torch.float32) else torch.float32
-    o_part = torch.empty(b, m_rows, max_segments, r, device=ql.device, dtype=part_dtype)
-    lse = torch.empty(b, m_rows, max_segments, device=ql.device, dtype=torch.float32)
+    o_part = torch.empty(b, m_rows, num_splits, r, device=ql.device, dtype=part_dtype)
+    lse = torch.empty(b, m_rows, num_splits, device=ql.device, dtype=torch.float32)
     # the output is written head-major (`[H, B, T, r]` storage, returned as a `[B, T, H, r]` view): the
     # per-head up-projection that follows (`absorbed.expand_output`) then reads it without a copy
     out = torch.empty(h, b, t, r, device=ql.device, dtype=dtype).permute(1, 2, 0, 3)
@@ -453,12 +407,12 @@ def decode_attention_triton(
     if interpret:
         _patch_interpreter_for_numpy2()
     stage1, stage2, merge_if_last = _kernels(interpret)
-    global _merge_if_last  # the helper stage 1 calls, in this launch's mode
+    global _merge_if_last  # the helper the stage-1 kernels call, in this launch's mode
     _merge_if_last = merge_if_last
-    fused = cfg.fused_merge and max_segments > 1
-    counter = _arrival_counters(ql.device, n_rows) if fused else lse
+    fused = cfg.fused_merge and num_splits > 1
+    counter = _arrival_counters(ql.device, b * head_blocks) if fused else lse
     try:
-        stage1[(num_programs,)](
+        stage1[(head_blocks, num_splits, b)](
             ql, qr, latent, k_rope, mask_t, len_t, o_part, lse, out, counter,
             ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
             latent.stride(0), latent.stride(1),
@@ -468,7 +422,7 @@ def decode_attention_triton(
             o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
-            s, t, h, m_rows, tiles, head_blocks, total, scale * LOG2E,
+            s, t, h, m_rows, split_len, scale * LOG2E,
             DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
             BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
             IEEE=dtype == torch.float32, FUSED=fused,
@@ -481,17 +435,17 @@ def decode_attention_triton(
         # tiles that always fit
         smaller = replace(cfg, num_stages=cfg.num_stages - 1) if cfg.num_stages > 2 else SAFE_CONFIG
         return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len,
-                                       num_splits=requested[0], num_programs=requested[1], config=smaller)
-    if fused or max_segments == 1:  # merged by stage 1 already, or every row written whole by one program
+                                       num_splits=requested_splits, config=smaller)
+    if fused:
         return out
     stage2[(m_rows, b)](
         o_part, lse, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        h, tiles, head_blocks, total, num_programs,
-        DL=r, BLOCK_DL=triton.next_power_of_2(r), BLOCK_S=max(2, triton.next_power_of_2(max_segments)),
-        BLOCK_H=block_h, num_warps=4,
+        num_splits, h,
+        DL=r, BLOCK_DL=triton.next_power_of_2(r), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=4,
     )
     return out
 
