@@ -241,8 +241,7 @@ def check_kernel(dev: torch.device) -> None:
             None if mask is None else (mask[..., :filled] if mask.dtype == torch.bool else mask[..., :filled].float()),
         )
         for cfg in (KernelConfig(block_n=64, num_warps=4), KernelConfig(block_n=64, num_warps=8, num_stages=3),
-                    KernelConfig(block_n=64, num_warps=4, num_stages=3),
-                    KernelConfig(block_n=64, num_warps=4, num_stages=3, fused_merge=True, half_partials=True)):
+                    KernelConfig(block_n=64, num_warps=4, num_stages=3)):
             try:
                 out = decode_attention_triton(q_lat, q_rope, buf[..., :512], buf[..., 512:], 0.07, mask, kv_len, config=cfg)
                 err = rel(out, ref)
@@ -406,16 +405,13 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         # Run 3 added deeper pipelines (two tiles in flight where shared memory allows: head-major BN=64 with 3
         # stages needs ~221 KiB) and won with head-major 64/4/3, now the default. It also swept tensor-descriptor
         # (TMA) loads in both layouts and a 64-row padded head-major block: all slower, removed (commit 4bed150).
-        # Run 4 timed a balanced one-program-per-SM schedule (commit 1980ec3) and found that kernel 40% slower
-        # than run 3's at every shape (the direct store of whole rows after the tile loop alone cost that; see
-        # decode.md); it was removed. This sweep times the fixed-cost options on run 3's kernel and 8 warps.
+        # Run 4 timed a balanced one-program-per-SM schedule (commit 1980ec3), 16-bit partials and the merge in the
+        # last program (commit 9fe5822): all slower than run 3's kernel (decode.md), all removed. What is left to
+        # sweep: the pipeline depth and the warp count.
         K = md.KernelConfig
         sweep = [
             K(block_n=64, num_warps=4, num_stages=2),
             K(block_n=64, num_warps=8, num_stages=3),
-            K(block_n=64, num_warps=4, num_stages=3, half_partials=True),
-            K(block_n=64, num_warps=4, num_stages=3, fused_merge=True),
-            K(block_n=64, num_warps=4, num_stages=3, fused_merge=True, half_partials=True),
         ]
     for s in contexts:
         for b in batches:

@@ -29,7 +29,7 @@ def _compile_all() -> dict:
     from triton.compiler import ASTSource
     from transmla_surgery.kernels import mla_decode as md
 
-    stage1, stage2, md._merge_if_last = md._kernels(False)
+    stage1, stage2 = md._kernels(False)
 
     def build(kernel, consts: dict, ptrs: dict, stages: int, warps: int = 4) -> dict:
         fn = kernel.fn
@@ -56,13 +56,13 @@ def _compile_all() -> dict:
     out = {}
     for dtype in ("bf16", "fp16"):
         for stages in (2, 3):
-            for mask_mode, has_len, fused, half in ((0, True, False, False), (1, True, True, True), (2, False, False, True)):
+            for mask_mode, has_len in ((0, True), (1, True), (2, False)):
                 consts = dict(DL=512, DR=64, BLOCK_DL=512, BLOCK_DR=64, BLOCK_H=32, BLOCK_N=64, MASK_MODE=mask_mode,
-                              HAS_LEN=has_len, IEEE=False, FUSED=fused)
+                              HAS_LEN=has_len, IEEE=False)
                 ptrs = dict(QL=f"*{dtype}", QR=f"*{dtype}", C=f"*{dtype}", KR=f"*{dtype}",
                             Mask="*u8" if mask_mode == 1 else f"*{dtype}", Len="*i64",
-                            O_part=f"*{dtype}" if half else "*fp32", Lse="*fp32", Out=f"*{dtype}", Counter="*i32")
-                key = f"stage1 {dtype} stages={stages} mask={mask_mode} len={has_len} fused={fused} half={half}"
+                            O_part="*fp32", Lse="*fp32")
+                key = f"stage1 {dtype} stages={stages} mask={mask_mode} len={has_len}"
                 out[key] = build(stage1, consts, ptrs, stages)
         out[f"stage2 {dtype}"] = build(stage2, dict(DL=512, BLOCK_DL=512, BLOCK_S=16),
                                        dict(O_part="*fp32", Lse="*fp32", Out=f"*{dtype}"), 2)
@@ -73,10 +73,8 @@ def _compile_all() -> dict:
     kept = {names[i] if isinstance(i, int) else i for i in stage1.do_not_specialize}
     ones = [n for n in ("T", "H", "M", "S", "split_len", "stride_lb", "stride_ms", "stride_mt", "stride_lsem")
             if n in names and n not in kept]
-    small = dict(DL=32, DR=8, BLOCK_DL=32, BLOCK_DR=16, BLOCK_H=16, BLOCK_N=64, MASK_MODE=1, HAS_LEN=True, IEEE=False,
-                 FUSED=False)
-    ptrs = dict(QL="*bf16", QR="*bf16", C="*bf16", KR="*bf16", Mask="*u8", Len="*i64", O_part="*fp32", Lse="*fp32",
-                Out="*bf16", Counter="*i32")
+    small = dict(DL=32, DR=8, BLOCK_DL=32, BLOCK_DR=16, BLOCK_H=16, BLOCK_N=64, MASK_MODE=1, HAS_LEN=True, IEEE=False)
+    ptrs = dict(QL="*bf16", QR="*bf16", C="*bf16", KR="*bf16", Mask="*u8", Len="*i64", O_part="*fp32", Lse="*fp32")
     for n in ones:
         out[f"ones {n}"] = build(stage1, {**small, n: 1}, ptrs, 3)
     out["ones all"] = build(stage1, {**small, **{n: 1 for n in ones}}, ptrs, 3)
@@ -94,7 +92,7 @@ def compiled() -> dict:
 
 
 def test_every_variant_compiles_for_hopper_within_its_shared_memory(compiled):
-    """Every dtype, stage count, mask mode and fused variant, and tiny shapes whose sizes of 1 a launch compiles
+    """Every dtype, stage count and mask mode, and tiny shapes whose sizes of 1 a launch compiles
     as constants (a tile count of 1 crashed Triton 3.6's layout pass on an H200 in the balanced-schedule kernel
     of commit 1980ec3)."""
     assert len([k for k in compiled if not k.startswith("ones")]) == 2 * (2 * 3 + 1)
@@ -108,8 +106,8 @@ def test_every_variant_compiles_for_hopper_within_its_shared_memory(compiled):
 def test_the_cache_loop_is_software_pipelined(compiled):
     """A pipelined tile loop shows as asynchronous copies whose shared memory grows with the stage count."""
     for dtype in ("bf16", "fp16"):
-        two = compiled[f"stage1 {dtype} stages=2 mask=0 len=True fused=False half=False"]
-        three = compiled[f"stage1 {dtype} stages=3 mask=0 len=True fused=False half=False"]
+        two = compiled[f"stage1 {dtype} stages=2 mask=0 len=True"]
+        three = compiled[f"stage1 {dtype} stages=3 mask=0 len=True"]
         assert two["cp_async"] > 0 and three["cp_async"] > 0
         assert three["shared"] > two["shared"]
 

@@ -8,11 +8,13 @@ Two launches:
    token when ``H <= BLOCK_H``, so each cached token is read once for all heads) and one contiguous split of the
    cached sequence, runs an online softmax over ``BLOCK_N``-token tiles (two tensor-core products per tile:
    scores ``q · [c; k_rope]ᵀ`` and output ``p · c``, the value tile being the key tile already loaded) and writes
-   a normalised partial output (float32, or 16 bits with `KernelConfig.half_partials`) and its log-sum-exp
-   (base 2).
-2. ``_stage2_fn``: grid ``(rows, batch)``: merges the splits by their log-sum-exps. With
-   `KernelConfig.fused_merge` there is no second launch: the last program of each (batch, row block) to finish,
-   counted by an atomic, merges them (`_merge_if_last_fn`).
+   a normalised float32 partial output and its log-sum-exp (base 2).
+2. ``_stage2_fn``: grid ``(rows, batch)``: merges the splits by their log-sum-exps and writes the output.
+
+Merging in stage 1 instead (the last program of a row, counted by an atomic) and 16-bit partials were both
+slower on an H200 (bench/results/decode.md, run 4) and were removed (commit 9fe5822 has them): the stage-1
+kernel is bound by its 255 registers per thread, and code after its tile loop changes how ptxas schedules the
+loop.
 
 Queries are read in place through their batch, token and head strides; the output ``[B, T, H, r]`` is a view
 of head-major storage (``[H, B, T, r]``), the layout the per-head up-projection after it reads without a copy.
@@ -62,13 +64,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     ctas_per_sm: int = 1
-    # Each split's partial output in the cache's 16-bit dtype instead of float32: half the bytes written by
-    # stage 1 and read back by the merge (the merge itself accumulates in float32).
-    half_partials: bool = False
-    # The last program of each (batch, row block) merges the splits itself (arrivals counted with an atomic),
-    # instead of a second kernel launch. Assumes one decode launch at a time per device: the arrival counters
-    # are shared.
-    fused_merge: bool = False
 
 
 # Default launch parameters, from `bench/decode.py` on an H200 (bench/results/decode.md, runs 3 and 4): 64-token
@@ -86,44 +81,8 @@ DEFAULT_CONFIG = KernelConfig(num_stages=3)
 SAFE_CONFIG = KernelConfig(block_n=16, num_warps=4, num_stages=2)
 
 
-def _merge_if_last_fn(
-    O_part, Lse, Out, Counter, b, pid_h, rows, row_ok, t_row, H,
-    stride_ob, stride_om, stride_os, stride_lseb, stride_lsem,
-    stride_outb, stride_outt, stride_outh,
-    DL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DL: tl.constexpr,
-):
-    """`KernelConfig.fused_merge`: count this program's arrival for its (batch, row block); the last of the
-    splits to arrive merges their normalised partial outputs by their log-sum-exps (base 2), online over the
-    splits, stores the result and resets the counter. Partials written by other programs are read through L2."""
-    tl.debug_barrier()  # every thread's partial stores are issued before the arrival is counted
-    arrival = Counter + b * tl.num_programs(0) + pid_h
-    num_splits = tl.num_programs(1)
-    if tl.atomic_add(arrival, 1, sem="acq_rel") == num_splits - 1:  # the last split to arrive
-        tl.debug_barrier()
-        dl = tl.arange(0, BLOCK_DL)
-        ok = row_ok[:, None] & (dl < DL)[None, :]
-        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        den = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_DL], tl.float32)
-        for j in range(0, num_splits):
-            lj = tl.load(Lse + b * stride_lseb + rows * stride_lsem + j, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-            m_new = tl.maximum(m, lj)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            scale = tl.exp2(m - m_safe)
-            w = tl.exp2(lj - m_safe)
-            o = tl.load(O_part + b * stride_ob + rows[:, None] * stride_om + j * stride_os + dl[None, :], mask=ok, other=0.0,
-                        cache_modifier=".cg").to(tl.float32)
-            acc = acc * scale[:, None] + w[:, None] * o
-            den = den * scale + w
-            m = m_new
-        out = acc / tl.where(den > 0.0, den, 1.0)[:, None]
-        ptr = Out + b * stride_outb + t_row[:, None] * stride_outt + (rows - t_row * H)[:, None] * stride_outh + dl[None, :]
-        tl.store(ptr, out.to(Out.dtype.element_ty), mask=ok)
-        tl.atomic_xchg(arrival, 0)  # zero again for the next launch (and CUDA-graph replay)
-
-
 def _stage1_fn(
-    QL, QR, C, KR, Mask, Len, O_part, Lse, Out, Counter,
+    QL, QR, C, KR, Mask, Len, O_part, Lse,
     stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
     stride_cb, stride_cs,
     stride_rb, stride_rs,
@@ -131,11 +90,10 @@ def _stage1_fn(
     stride_lb,
     stride_ob, stride_om, stride_os,
     stride_lseb, stride_lsem,
-    stride_outb, stride_outt, stride_outh,
     S, T, H, M, split_len, sm_scale_log2,
     DL: tl.constexpr, DR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LEN: tl.constexpr,
-    IEEE: tl.constexpr, FUSED: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -215,11 +173,6 @@ def _stage1_fn(
     tl.store(o_ptr, out.to(O_part.dtype.element_ty), mask=row_ok[:, None] & dl_ok[None, :])
     tl.store(Lse + b * stride_lseb + rows * stride_lsem + pid_s, lse, mask=row_ok)
 
-    if FUSED:  # the last program of this (batch, row block) to finish merges the splits: no second launch
-        _merge_if_last(O_part, Lse, Out, Counter, b, pid_h, rows, row_ok, t_row, H,
-                       stride_ob, stride_om, stride_os, stride_lseb, stride_lsem,
-                       stride_outb, stride_outt, stride_outh, DL, BLOCK_H, BLOCK_DL)
-
 
 def _stage2_fn(
     O_part, Lse, Out,
@@ -254,24 +207,9 @@ def _stage2_fn(
 
 @lru_cache(maxsize=2)
 def _kernels(interpret: bool):
-    """``(stage1, stage2, merge-if-last helper)`` decorated for the current mode (compiled, or interpreted on the
-    CPU)."""
+    """``(stage1, stage2)`` decorated for the current mode (compiled, or interpreted on the CPU)."""
     del interpret  # part of the cache key only: `triton.jit` reads the mode itself
-    return triton.jit(_stage1_fn), triton.jit(_stage2_fn), triton.jit(_merge_if_last_fn)
-
-
-_merge_if_last = None  # bound to the decorated `_merge_if_last_fn` of the current mode before each launch
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` int32 arrival counters for the fused merge, zero at rest (each launch's last program resets its
-    own). One buffer per device, grown as needed, so that a launch captured in a CUDA graph keeps using it."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    return triton.jit(_stage1_fn), triton.jit(_stage2_fn)
 
 
 def _interpreting() -> bool:
@@ -381,8 +319,7 @@ def decode_attention_triton(
     split_len = triton.cdiv(triton.cdiv(s, num_splits), cfg.block_n) * cfg.block_n
     num_splits = max(1, triton.cdiv(s, split_len))
 
-    part_dtype = dtype if (cfg.half_partials and dtype != torch.float32) else torch.float32
-    o_part = torch.empty(b, m_rows, num_splits, r, device=ql.device, dtype=part_dtype)
+    o_part = torch.empty(b, m_rows, num_splits, r, device=ql.device, dtype=torch.float32)
     lse = torch.empty(b, m_rows, num_splits, device=ql.device, dtype=torch.float32)
     # the output is written head-major (`[H, B, T, r]` storage, returned as a `[B, T, H, r]` view): the
     # per-head up-projection that follows (`absorbed.expand_output`) then reads it without a copy
@@ -406,14 +343,10 @@ def decode_attention_triton(
     interpret = _interpreting()
     if interpret:
         _patch_interpreter_for_numpy2()
-    stage1, stage2, merge_if_last = _kernels(interpret)
-    global _merge_if_last  # the helper the stage-1 kernels call, in this launch's mode
-    _merge_if_last = merge_if_last
-    fused = cfg.fused_merge and num_splits > 1
-    counter = _arrival_counters(ql.device, b * head_blocks) if fused else lse
+    stage1, stage2 = _kernels(interpret)
     try:
         stage1[(head_blocks, num_splits, b)](
-            ql, qr, latent, k_rope, mask_t, len_t, o_part, lse, out, counter,
+            ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
             ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
             latent.stride(0), latent.stride(1),
             k_rope.stride(0), k_rope.stride(1),
@@ -421,11 +354,10 @@ def decode_attention_triton(
             len_stride,
             o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1), out.stride(2),
             s, t, h, m_rows, split_len, scale * LOG2E,
             DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
             BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
-            IEEE=dtype == torch.float32, FUSED=fused,
+            IEEE=dtype == torch.float32,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     except _OUT_OF_RESOURCES:
@@ -436,8 +368,6 @@ def decode_attention_triton(
         smaller = replace(cfg, num_stages=cfg.num_stages - 1) if cfg.num_stages > 2 else SAFE_CONFIG
         return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len,
                                        num_splits=requested_splits, config=smaller)
-    if fused:
-        return out
     stage2[(m_rows, b)](
         o_part, lse, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
