@@ -298,3 +298,37 @@ def test_rope_channels_by_strided_view_equal_the_gather(rope_dim):
     idx = block.rope_index
     assert torch.equal(got[0], cos.index_select(-1, idx).unsqueeze(1))
     assert torch.equal(got[1], sin.index_select(-1, idx).unsqueeze(1))
+
+
+def test_output_projection_with_gradients_equals_the_copy_free_one():
+    """`expand_output` writes its products straight into `o_proj`'s layout (`bmm(out=)`), which autograd refuses:
+    with gradients needed it must take the plain product instead, with the same values and working gradients."""
+    block = _block().double()
+    g = torch.Generator().manual_seed(11)
+    o_lat = torch.randn(3, 2, block.num_heads, R, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        plain = absorbed_mod.expand_output(block, o_lat)
+    o_grad = o_lat.clone().requires_grad_(True)
+    with_grad = absorbed_mod.expand_output(block, o_grad)
+    assert torch.equal(with_grad.detach(), plain)
+    with_grad.square().sum().backward()
+    assert o_grad.grad is not None and torch.isfinite(o_grad.grad).all() and o_grad.grad.abs().sum() > 0
+    assert block.kv_b_proj.weight.grad is not None
+
+
+def test_latent_rms_norm_equals_the_float64_formula():
+    """The latent's RMSNorm (one fused `F.rms_norm` in float32) against ``w · x / sqrt(mean(x²) + eps)`` in float64,
+    on random inputs and weights, for float32 and bfloat16 activations."""
+    from transmla_surgery.mla_attention import RMSNorm
+
+    g = torch.Generator().manual_seed(12)
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=g))
+    x = torch.randn(4, 7, 48, generator=g) * 3.0
+    x64 = x.double()
+    ref = norm.weight.double() * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert rel_err(norm(x).double(), ref) < 1e-6
+    xb = x.to(torch.bfloat16)
+    refb = norm.weight.double() * (xb.double() / torch.sqrt(xb.double().pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert rel_err(norm.to(torch.bfloat16)(xb).double(), refb) < 1e-2
