@@ -60,23 +60,19 @@ GiB = 1024**3
 START = time.time()
 RESULTS: list[dict[str, Any]] = []
 META: dict[str, Any] = {}
-E2E_KERNELS = 3  # kernel configurations timed end to end: the default and the best of the attention sweep
+E2E_KERNELS = 3  # kernel configurations timed end to end: the default, the sweep's winner, the two-stage one
 E2E_CONFIGS: list[Any] = []  # filled by `attention_alone`; the default first
 
 
 # ================================================================================================ utilities
 def kernel_label(cfg: Any) -> str:
-    """``head-major 64/4/3`` style: layout, tokens per tile / warps / stages (+ occupancy). Also labels the records
-    of the since removed token-major, tensor-descriptor (``/tma``), padded-row (``rows>=64``) and balanced-schedule
-    variants (runs 3 and 4a)."""
+    """``head-major 64/4/3``: tokens per tile / warps / pipeline stages of a `KernelConfig` (or its dict), plus the
+    assumed occupancy when above one (the name the logs and decode.md have used since run 1)."""
     if cfg is None:
         return "-"
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
-    name = ("token-major" if c.get("transposed") else "balanced" if c.get("schedule") == "balanced" else "head-major")
-    name += "/tma" if c.get("tma") else ""
-    extra = (f" rows>={c['min_block_h']}" if c.get("min_block_h", 16) > 32 else "") + (f" occ{c['ctas_per_sm']}" if c.get("ctas_per_sm", 1) > 1 else "")
-    extra += (" half-partials" if c.get("half_partials") else "") + (" fused-merge" if c.get("fused_merge") else "")
-    return f"{name} {c['block_n']}/{c['num_warps']}/{c['num_stages']}{extra}"
+    occ = f" occ{c['ctas_per_sm']}" if c.get("ctas_per_sm", 1) > 1 else ""
+    return f"head-major {c['block_n']}/{c['num_warps']}/{c['num_stages']}{occ}"
 
 
 def log(msg: str) -> None:
@@ -403,7 +399,7 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         # Shared memory per block (ptxas, sm_90a): token-major BN=64 2 stages 188 KiB, BN=32 2/3/4 stages
         # 76/112/148 KiB, BN=16 4 stages 92 KiB: the small ones fit two blocks per multiprocessor.
         # Run 3 added deeper pipelines (two tiles in flight where shared memory allows: head-major BN=64 with 3
-        # stages needs ~221 KiB) and won with head-major 64/4/3, now the default. It also swept tensor-descriptor
+        # stages takes 184 KiB as compiled for sm_90) and won with head-major 64/4/3, now the default. It also swept tensor-descriptor
         # (TMA) loads in both layouts and a 64-row padded head-major block: all slower, removed (commit 4bed150).
         # Run 4 timed a balanced one-program-per-SM schedule (commit 1980ec3), 16-bit partials and the merge in the
         # last program (commit 9fe5822): all slower than run 3's kernel (decode.md), all removed. What is left to

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .architectures import decoder_layers
-from .errors import CalibrationError
+from .errors import CalibrationError, ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -123,10 +123,14 @@ class GramAccumulator:
         if not bool(torch.isfinite(x).all()):  # float64 casts keep (non-)finiteness: checked before any fold
             raise CalibrationError(f"non-finite activations (NaN/Inf) at the input of {where}")
         d = x.shape[1]
+        peak = None  # largest row norm, kept on the device: one host sync per call, not one per chunk
         for start in range(0, x.shape[0], self.chunk_rows):
             aug = _augmented(x[start : start + self.chunk_rows], self.total.device)
             self.total.addmm_(aug.T, aug)
-            norm = float(torch.linalg.vector_norm(aug[:, :d], dim=-1).max())
+            norm = torch.linalg.vector_norm(aug[:, :d], dim=-1).max()
+            peak = norm if peak is None else torch.maximum(peak, norm)
+        if peak is not None:
+            norm = float(peak)
             self.max_sq_norm = max(self.max_sq_norm, norm * norm)
         self.count += x.shape[0]
 
@@ -398,8 +402,9 @@ class LayerInputBuffer:
 
 
 def _positive(name: str, value: int) -> int:
+    """``value`` if it is a positive int, else a `ConfigError` (a ``ValueError``) naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
     return value
 
 

@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .architectures import check_supported, decoder_layers
-from .calibration import LayerInputBuffer, materialize
+from .calibration import LayerInputBuffer, _positive, materialize
 from .config import MLAConfig
 from .errors import ConfigError, UnsupportedModelError
 from .report import ConversionReport
@@ -177,8 +177,8 @@ def convert_checkpoint(
         raise ConfigError("output must differ from source: the source checkpoint is never modified")
     if config.refit_target == "model" and config.calibration_inputs != "converted":
         raise ConfigError("refit_target='model' needs calibration_inputs='converted'")
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
-        raise ConfigError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    if chunk_tokens is not None:
+        _positive("chunk_tokens", chunk_tokens)  # refused before anything is read or written
     ckpt = LazyCheckpoint(source)
     hf_config = AutoConfig.from_pretrained(source)
     device = torch.device(device)

@@ -552,7 +552,7 @@ class RunMonitor(Callback):
         # FSDP restores a checkpoint after on_fit_start, and GradualRankReduction applies its saved rank in
         # on_train_start: the start figures are taken before the first batch (and before this batch's rank cut,
         # as this callback comes before the others).
-        if getattr(self, "_pending_start", False):
+        if self._pending_start:
             self._record_start(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
