@@ -354,9 +354,11 @@ def main() -> None:
             "precision": args.precision,
             "distillation": "Distillation(weight=1, loss_weight=0, T=1): KL(original || student); runs with 'hidden' "
                             "add hidden_weight × the layer-wise residual-stream loss",
-            "gradual": f"GradualRankReduction(64, start 160, linear, end={args.gradual_end}, multiple_of=8, reorder)",
-            "lr_selection": f"pilot of {args.pilot_steps} steps per lr in [{args.lrs}], held-out books ppl "
-                            f"({args.val_windows} windows), per method; (c) uses (a)'s",
+            "gradual": f"GradualRankReduction(64, start 160, linear, end={args.gradual_end}, multiple_of=8), re-ordering "
+                       "by latent energy unless the run's spec says reorder=False (the *_no_reorder runs)",
+            "lr_selection": (f"given: {args.lrs} (one value, no pilot)" if "," not in args.lrs else
+                             f"pilot of {args.pilot_steps} steps per lr in [{args.lrs}], held-out books ppl "
+                             f"({args.val_windows} windows), per method; (c) uses (a)'s"),
         },
         "command": "python bench/recovery.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
