@@ -32,6 +32,7 @@ def _compile_all() -> dict:
     stage1, stage2 = md._kernels(False)
 
     def build(kernel, consts: dict, ptrs: dict, stages: int, warps: int = 4) -> dict:
+        consts = {"PDL": False, **consts}
         fn = kernel.fn
         names = list(inspect.signature(fn).parameters)
         sig = {}
@@ -51,7 +52,8 @@ def _compile_all() -> dict:
                            options={"num_warps": warps, "num_stages": stages})
         ptx = k.asm["ptx"]
         return {"shared": k.metadata.shared, "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
-                "mma": ptx.count("mma.sync")}
+                "mma": ptx.count("mma.sync"), "gdc_wait": ptx.count("griddepcontrol.wait"),
+                "gdc_launch": ptx.count("griddepcontrol.launch_dependents")}
 
     out = {}
     for dtype in ("bf16", "fp16"):
@@ -64,8 +66,19 @@ def _compile_all() -> dict:
                             O_part="*fp32", Lse="*fp32")
                 key = f"stage1 {dtype} stages={stages} mask={mask_mode} len={has_len}"
                 out[key] = build(stage1, consts, ptrs, stages)
-        out[f"stage2 {dtype}"] = build(stage2, dict(DL=512, BLOCK_DL=512, BLOCK_S=16),
-                                       dict(O_part="*fp32", Lse="*fp32", Out=f"*{dtype}"), 2)
+        # the merge as launched (Triton's default 3 stages): 2 to 64 splits, the chunk min(BLOCK_S, 16)
+        for block_s in (2, 16, 64):
+            out[f"stage2 {dtype} splits={block_s}"] = build(
+                stage2, dict(DL=512, BLOCK_DL=512, BLOCK_S=block_s, CHUNK_S=min(block_s, 16)),
+                dict(O_part="*fp32", Lse="*fp32", Out=f"*{dtype}"), 3)
+
+    # programmatic dependent launch: the `griddepcontrol` instructions appear only with PDL=True
+    consts = dict(DL=512, DR=64, BLOCK_DL=512, BLOCK_DR=64, BLOCK_H=32, BLOCK_N=64, MASK_MODE=0, HAS_LEN=True,
+                  IEEE=False, PDL=True)
+    ptrs = dict(QL="*bf16", QR="*bf16", C="*bf16", KR="*bf16", Mask="*bf16", Len="*i64", O_part="*fp32", Lse="*fp32")
+    out["pdl stage1 bf16 stages=3 mask=0 len=True"] = build(stage1, consts, ptrs, 3)
+    out["pdl stage2 bf16 splits=64"] = build(stage2, dict(DL=512, BLOCK_DL=512, BLOCK_S=64, CHUNK_S=16, PDL=True),
+                                             dict(O_part="*fp32", Lse="*fp32", Out="*bf16"), 3)
 
     # A launch compiles every integer argument equal to 1 as a constant unless the kernel opts out
     # (`do_not_specialize`); tiny shapes (one tile, one head block, one query token, per-batch lengths) do that.
@@ -95,12 +108,24 @@ def test_every_variant_compiles_for_hopper_within_its_shared_memory(compiled):
     """Every dtype, stage count and mask mode, and tiny shapes whose sizes of 1 a launch compiles
     as constants (a tile count of 1 crashed Triton 3.6's layout pass on an H200 in the balanced-schedule kernel
     of commit 1980ec3)."""
-    assert len([k for k in compiled if not k.startswith("ones")]) == 2 * (2 * 3 + 1)
+    assert len([k for k in compiled if k.startswith("stage1")]) == 2 * 2 * 3
+    assert len([k for k in compiled if k.startswith("stage2")]) == 2 * 3
     assert "ones all" in compiled
     for key, info in compiled.items():
         assert info["shared"] <= HOPPER_SMEM_BYTES, (key, info)
-        if key.startswith("stage1"):
+        if "stage1" in key:
             assert info["mma"] > 0, key  # both products on tensor cores
+
+
+def test_pdl_emits_grid_dependency_control_only_when_on(compiled):
+    """PDL=True: each kernel waits for the previous grid, then lets the next launch; PDL=False (every other
+    variant): not one `griddepcontrol` instruction, so the kernels compile as before the flag existed."""
+    for key in ("pdl stage1 bf16 stages=3 mask=0 len=True", "pdl stage2 bf16 splits=64"):
+        assert compiled[key]["gdc_wait"] > 0 and compiled[key]["gdc_launch"] > 0, key
+    off = [k for k in compiled if not k.startswith("pdl")]
+    assert off
+    for key in off:
+        assert compiled[key]["gdc_wait"] == 0 and compiled[key]["gdc_launch"] == 0, key
 
 
 def test_the_cache_loop_is_software_pipelined(compiled):

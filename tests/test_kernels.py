@@ -140,6 +140,72 @@ def test_fully_masked_rows_give_zeros():
     assert _err(out[:1], _ref(q_lat[:1], q_rope[:1], lat[:1], kr[:1], 0.1)) < 1e-5
 
 
+def _spy_launches(monkeypatch):
+    """Wrap both kernels so each launch records ``(stage, grid, kwargs)``; returns the list."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    real = md._kernels(md._interpreting())
+    launches = []
+
+    class Spy:
+        def __init__(self, stage, kernel):
+            self.stage, self.kernel = stage, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.stage, grid, dict(kwargs)))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(md, "_kernels", lambda interpret: (Spy(1, real[0]), Spy(2, real[1])))
+    return launches
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_many_splits_merged_in_chunks(dtype, monkeypatch):
+    """37 splits: stage 2 merges them 16 at a time (two whole chunks and a partial one of 5, masked past the
+    split count); the last split is a partial tile. Two query tokens (rows of different causal limits)."""
+    launches = _spy_launches(monkeypatch)
+    q_lat, q_rope, lat, kr, _ = _inputs(1, 2, 3, 32, 16, 590, dtype, seed=12)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=37, config=SMALL)
+    assert [(st, grid) for st, grid, _ in launches] == [(1, (1, 37, 1)), (2, (6, 1))]
+    assert (launches[1][2]["BLOCK_S"], launches[1][2]["CHUNK_S"]) == (64, 16)
+    assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.1)) < TOL[dtype]
+
+
+@in_process
+def test_many_splits_with_empty_splits_and_fully_masked_rows():
+    """37 splits, most of them without a visible key (log-sum-exp -inf), among them whole 16-split chunks; batch
+    row 1's second query token sees no key at all (zeros), batch row 0 only a few keys in splits 3 and 30."""
+    b, t, s = 2, 2, 590
+    q_lat, q_rope, lat, kr, _ = _inputs(b, t, 4, 32, 16, s, torch.float32, seed=13)
+    keep = torch.zeros(b, t, s, dtype=torch.bool)
+    keep[0, :, 50:53] = True  # split 3
+    keep[0, 1, 485] = True  # split 30: only the second token
+    keep[1, 0, ::7] = True
+    mask = keep.to(DEVICE)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, mask, num_splits=37, config=SMALL)
+    assert torch.equal(out[1, 1].cpu(), torch.zeros_like(out[1, 1].cpu()))
+    ref = _ref(q_lat, q_rope, lat, kr, 0.1, mask)
+    assert _err(out[0], ref[0]) < 1e-5
+    assert _err(out[1, :1], ref[1, :1]) < 1e-5
+
+
+@in_process
+def test_pdl_is_off_in_the_interpreter(monkeypatch):
+    """`pdl=True` on the CPU: the interpreter cannot run `griddepcontrol`, so both kernels get PDL=False and no
+    `launch_pdl`; the result is unchanged."""
+    launches = _spy_launches(monkeypatch)
+    q_lat, q_rope, lat, kr, _ = _inputs(1, 1, 4, 32, 16, 40, torch.float32, seed=14)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=2,
+                                  config=KernelConfig(block_n=16, block_h=16, num_stages=1, pdl=True))
+    assert [st for st, _, _ in launches] == [1, 2]
+    for _, _, kwargs in launches:
+        assert kwargs["PDL"] is False and "launch_pdl" not in kwargs
+    assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.1)) < 1e-5
+
+
 @in_process
 def test_choose_num_splits_fills_the_machine():
     # few programs: split the sequence; many: one split; never more splits than tiles
@@ -212,6 +278,32 @@ def test_out_of_shared_memory_falls_back_one_stage_at_a_time(monkeypatch):
     out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=2, config=cfg)
     assert launched == [(32, 4), (32, 3), (32, 2)]
     assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.1)) < TOL[torch.float16]
+
+
+@in_process
+def test_out_of_resources_everywhere_raises_with_pdl(monkeypatch):
+    """The fallback keeps `pdl` (it needs no resources) and still ends at the small tiles: when even those fail,
+    the error is raised instead of recursing forever."""
+    from triton.runtime.errors import OutOfResources
+
+    from transmla_surgery.kernels import mla_decode as md
+
+    real = md._kernels(md._interpreting())
+    launched = []
+
+    class Failing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["BLOCK_N"], kwargs["num_stages"]))
+                raise OutOfResources(232448, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(md, "_kernels", lambda interpret: (Failing(), *real[1:]))
+    q_lat, q_rope, lat, kr, _ = _inputs(1, 1, 4, 32, 16, 70, torch.float16, seed=15)
+    with pytest.raises(OutOfResources):
+        decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, num_splits=2,
+                                config=KernelConfig(block_n=32, num_stages=3, pdl=True))
+    assert launched == [(32, 3), (32, 2), (md.SAFE_CONFIG.block_n, md.SAFE_CONFIG.num_stages)]
 
 
 @in_process

@@ -9,7 +9,10 @@ Two launches:
    cached sequence, runs an online softmax over ``BLOCK_N``-token tiles (two tensor-core products per tile:
    scores ``q · [c; k_rope]ᵀ`` and output ``p · c``, the value tile being the key tile already loaded) and writes
    a normalised float32 partial output and its log-sum-exp (base 2).
-2. ``_stage2_fn``: grid ``(rows, batch)``: merges the splits by their log-sum-exps and writes the output.
+2. ``_stage2_fn``: grid ``(rows, batch)``: merges the splits by their log-sum-exps and writes the output. One
+   program per query row takes the maximum of the row's log-sum-exps, then walks the splits ``CHUNK_S`` at a time,
+   each chunk's weights and ``[CHUNK_S, r]`` partial tile read by one load each (no chain of one dependent load
+   per split).
 
 Merging in stage 1 instead (the last program of a row, counted by an atomic) and 16-bit partials were both
 slower on an H200 (bench/results/decode.md, run 4) and were removed (commit 9fe5822 has them): the stage-1
@@ -25,6 +28,12 @@ in whole waves (`choose_num_splits`). Masks: none (causal, aligned at the end, a
 per-batch (or scalar) length tensor bounds the tokens read (a static cache's filled length: positions past it
 are masked anyway), without a host sync, so the launch can be captured in a CUDA graph. A row whose every key
 is masked gets zeros (the reference averages there; such rows are padding and never read).
+
+With ``KernelConfig.pdl`` on a Hopper or newer GPU both kernels are launched as programmatic dependent launches
+(PDL): each starts with ``griddepcontrol.wait`` (the previous kernel in the stream has completed and its writes are
+visible) and then ``griddepcontrol.launch_dependents``, so the next kernel's programs are launched while this
+one's last programs still run, its launch latency hidden. The ``PDL`` constexpr guards that code: off (the
+interpreter, older GPUs, ``pdl=False``) the kernels compile exactly as without it.
 
 Triton's ``@jit`` decides between compiling and interpreting (``TRITON_INTERPRET=1``) when it decorates, so the
 kernels are decorated lazily, once per mode.
@@ -45,6 +54,15 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
+_GDC_AVAILABLE = False  # whether this Triton has the grid-dependency-control functions PDL needs
+if triton is not None:
+    try:  # binds `tl.extra.cuda`, which the kernels name when PDL is on
+        import triton.language.extra.cuda  # noqa: F401
+
+        _GDC_AVAILABLE = hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
+    except ImportError:  # pragma: no cover - a Triton without the CUDA extras
+        pass
+
 LOG2E = 1.4426950408889634
 _OUT_OF_RESOURCES = getattr(getattr(getattr(triton, "runtime", None), "errors", None), "OutOfResources", RuntimeError)
 
@@ -64,6 +82,16 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     ctas_per_sm: int = 1
+    # Programmatic dependent launch (Hopper and newer, compiled kernels only): both kernels are launched with
+    # `launch_pdl=True` and begin with `gdc_wait` then `gdc_launch_dependents`, so each kernel's launch overlaps
+    # the end of the one before it in the stream. Ignored under the interpreter, on GPUs before sm_90 and on
+    # ROCm. Resources are unchanged, so the out-of-resources fallback keeps it.
+    pdl: bool = False
+    # Stage 1 as the Gluon kernel of `mla_decode_wgmma` (warpgroup MMA on token-major 64-token tiles, a ring of
+    # `nbuf` 8 KiB chunks) where it applies: Hopper, 16-bit cache, r = 512, d_rope = 64, at most 32 query rows.
+    # Elsewhere the Triton kernel above runs with the other fields. `block_n` is then 64.
+    wgmma: bool = False
+    nbuf: int = 22
 
 
 # Default launch parameters, from `bench/decode.py` on an H200 (bench/results/decode.md, runs 3 and 4): 64-token
@@ -77,7 +105,8 @@ class KernelConfig:
 # (commit 1980ec3; why in decode.md, run 4). GPUs with less shared memory fall back to two stages, then to
 # `SAFE_CONFIG`.
 DEFAULT_CONFIG = KernelConfig(num_stages=3)
-# Small tiles that fit any supported GPU: the fallback when a launch runs out of shared memory or registers.
+# Small tiles that fit any supported GPU: the fallback when a launch runs out of shared memory or registers
+# (with the failing configuration's `pdl`, which costs no resources).
 SAFE_CONFIG = KernelConfig(block_n=16, num_warps=4, num_stages=2)
 
 
@@ -93,8 +122,11 @@ def _stage1_fn(
     S, T, H, M, split_len, sm_scale_log2,
     DL: tl.constexpr, DR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LEN: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # off, nothing is emitted: the kernel compiles as without this block
+        tl.extra.cuda.gdc_wait()  # the previous kernel has completed: its outputs (queries, cache) are visible
+        tl.extra.cuda.gdc_launch_dependents()  # stage 2 may launch now; it waits for this grid to complete
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -180,27 +212,40 @@ def _stage2_fn(
     stride_lseb, stride_lsem,
     stride_outb, stride_outt, stride_outh,
     NUM_SPLITS, H,
-    DL: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_S: tl.constexpr,
+    DL: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    """One query row: ``out = Σ_j 2^(lse_j - max) · O_j / Σ_j 2^(lse_j - max)`` over its ``NUM_SPLITS`` partials
+    (``BLOCK_S``: the split count rounded up to a power of two; ``CHUNK_S = min(BLOCK_S, 16)`` splits per step).
+    Splits whose log-sum-exp is ``-inf`` (no key seen) weigh 0; a row with no key at all gets zeros."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # stage 1 has completed: its partials and log-sum-exps are visible
+        tl.extra.cuda.gdc_launch_dependents()
     m = tl.program_id(0).to(tl.int64)
     t_row = m // H
     b = tl.program_id(1).to(tl.int64)
+    lse_row = Lse + b * stride_lseb + m * stride_lsem
+    # pass 1: the row's largest log-sum-exp, all splits in one load
     sp = tl.arange(0, BLOCK_S)
-    lse = tl.load(Lse + b * stride_lseb + m * stride_lsem + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
-    mx = tl.max(lse, 0)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp2(lse - mx_safe)
-    denom = tl.sum(w, 0)
+    mx = tl.max(tl.load(lse_row + sp, mask=sp < NUM_SPLITS, other=float("-inf")), 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)  # every split empty: keep exp2 finite (all weights 0)
+    # pass 2: CHUNK_S splits per step, weights and partial tile each in one load
     dl = tl.arange(0, BLOCK_DL)
     dl_ok = dl < DL
+    ch = tl.arange(0, CHUNK_S)
     acc = tl.zeros([BLOCK_DL], tl.float32)
+    denom = tl.zeros([], tl.float32)
     base = O_part + b * stride_ob + m * stride_om
-    for j in range(0, NUM_SPLITS):
-        lj = tl.load(Lse + b * stride_lseb + m * stride_lsem + j)
-        wj = tl.exp2(lj - mx_safe)
-        o = tl.load(base + j * stride_os + dl, mask=dl_ok, other=0.0).to(tl.float32)
-        acc += wj * o
-    out = acc / tl.where(denom > 0.0, denom, 1.0)
+    for j0 in range(0, NUM_SPLITS, CHUNK_S):
+        sj = j0 + ch
+        sj_ok = sj < NUM_SPLITS
+        # weight 0 past the split count and for an empty split (log-sum-exp -inf)
+        w = tl.exp2(tl.load(lse_row + sj, mask=sj_ok, other=float("-inf")) - mx_safe)
+        o = tl.load(base + sj[:, None] * stride_os + dl[None, :], mask=sj_ok[:, None] & dl_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * o.to(tl.float32), 0)
+        denom += tl.sum(w, 0)
+    out = acc / tl.where(denom > 0.0, denom, 1.0)  # no key in the whole row: zeros
+    # head-major storage: `Out`'s strides address [batch, token, head]
     out_ptr = Out + b * stride_outb + t_row * stride_outt + (m - t_row * H) * stride_outh + dl
     tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=dl_ok)
 
@@ -236,6 +281,21 @@ def _patch_interpreter_for_numpy2() -> None:
 @lru_cache(maxsize=8)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _wgmma_supported(q_lat: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> bool:
+    try:
+        from .mla_decode_wgmma import supported
+    except Exception:  # pragma: no cover - a Triton without Gluon
+        return False
+    return supported(q_lat, latent, k_rope)
+
+
+@lru_cache(maxsize=8)
+def _pdl_capable(device_index: int) -> bool:
+    """Programmatic dependent launch needs an NVIDIA GPU of compute capability 9.0 or newer (not ROCm, whose
+    capability numbers mean something else)."""
+    return _GDC_AVAILABLE and torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def choose_num_splits(
@@ -308,7 +368,11 @@ def decode_attention_triton(
     if qr.stride(-1) != 1:
         qr = qr.contiguous()
 
-    block_h = max(16, min(cfg.block_h, triton.next_power_of_2(m_rows)))
+    interpret = _interpreting()
+    use_wgmma = bool(cfg.wgmma) and not interpret and _wgmma_supported(ql, latent, k_rope)
+    if use_wgmma:
+        cfg = replace(cfg, block_n=64)
+    block_h = max(16, min(32 if use_wgmma else cfg.block_h, triton.next_power_of_2(m_rows)))
     head_blocks = triton.cdiv(m_rows, block_h)
     if num_splits is None:
         slots = (_sm_count(latent.device.index or 0) if latent.is_cuda else 132) * cfg.ctas_per_sm
@@ -340,42 +404,66 @@ def decode_attention_triton(
         len_t = kv_len.reshape(-1)
         len_stride, has_len = (1 if len_t.numel() > 1 else 0), True
 
-    interpret = _interpreting()
     if interpret:
         _patch_interpreter_for_numpy2()
     stage1, stage2 = _kernels(interpret)
+    # PDL only in compiled launches on Hopper or newer: the interpreter cannot run the `griddepcontrol` asm
+    pdl = bool(cfg.pdl) and not interpret and latent.is_cuda and _pdl_capable(latent.device.index or 0)
+    launch_kw = {"launch_pdl": True} if pdl else {}
     try:
-        stage1[(head_blocks, num_splits, b)](
-            ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
-            ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
-            latent.stride(0), latent.stride(1),
-            k_rope.stride(0), k_rope.stride(1),
-            *mstr,
-            len_stride,
-            o_part.stride(0), o_part.stride(1), o_part.stride(2),
-            lse.stride(0), lse.stride(1),
-            s, t, h, m_rows, split_len, scale * LOG2E,
-            DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
-            BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
-            IEEE=dtype == torch.float32,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        if use_wgmma:
+            from .mla_decode_wgmma import _stage1_wgmma
+
+            _stage1_wgmma[(num_splits, b)](
+                ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
+                ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+                latent.stride(0), latent.stride(1),
+                k_rope.stride(0), k_rope.stride(1),
+                *mstr,
+                len_stride,
+                o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                lse.stride(0), lse.stride(1),
+                s, t, h, m_rows, split_len, scale * LOG2E,
+                BLOCK_H=block_h, NBUF=cfg.nbuf, MASK_MODE=mask_mode, HAS_LEN=has_len, PDL=pdl,
+                num_warps=4, **launch_kw,
+            )
+        else:
+            stage1[(head_blocks, num_splits, b)](
+                ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
+                ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+                latent.stride(0), latent.stride(1),
+                k_rope.stride(0), k_rope.stride(1),
+                *mstr,
+                len_stride,
+                o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                lse.stride(0), lse.stride(1),
+                s, t, h, m_rows, split_len, scale * LOG2E,
+                DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
+                BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
+                IEEE=dtype == torch.float32, PDL=pdl,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kw,
+            )
     except _OUT_OF_RESOURCES:
-        if cfg == SAFE_CONFIG:
+        if use_wgmma:  # a Hopper part with less shared memory than the ring needs: the Triton kernel
+            return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len,
+                                           num_splits=requested_splits, config=replace(cfg, wgmma=False))
+        if replace(cfg, pdl=SAFE_CONFIG.pdl) == SAFE_CONFIG:
             raise
         # a configuration too large for this GPU's shared memory or registers: one stage fewer, then the small
-        # tiles that always fit
-        smaller = replace(cfg, num_stages=cfg.num_stages - 1) if cfg.num_stages > 2 else SAFE_CONFIG
+        # tiles that always fit (`pdl` kept: it needs no resources)
+        smaller = (replace(cfg, num_stages=cfg.num_stages - 1) if cfg.num_stages > 2
+                   else replace(SAFE_CONFIG, pdl=cfg.pdl))
         return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len,
                                        num_splits=requested_splits, config=smaller)
+    block_s = max(2, triton.next_power_of_2(num_splits))
     stage2[(m_rows, b)](
         o_part, lse, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         num_splits, h,
-        DL=r, BLOCK_DL=triton.next_power_of_2(r), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        num_warps=4,
+        DL=r, BLOCK_DL=triton.next_power_of_2(r), BLOCK_S=block_s, CHUNK_S=min(block_s, 16), PDL=pdl,
+        num_warps=4, **launch_kw,
     )
     return out
 
