@@ -41,7 +41,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,7 +60,7 @@ GiB = 1024**3
 START = time.time()
 RESULTS: list[dict[str, Any]] = []
 META: dict[str, Any] = {}
-E2E_KERNELS = 3  # kernel configurations timed end to end: the default, the sweep's winner, the two-stage one
+E2E_KERNELS = 3  # kernel configurations timed end to end: the default, the same without PDL, the sweep's winner
 E2E_CONFIGS: list[Any] = []  # filled by `attention_alone`; the default first
 
 
@@ -72,7 +72,9 @@ def kernel_label(cfg: Any) -> str:
         return "-"
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
     occ = f" occ{c['ctas_per_sm']}" if c.get("ctas_per_sm", 1) > 1 else ""
-    return f"head-major {c['block_n']}/{c['num_warps']}/{c['num_stages']}{occ}"
+    pdl = " pdl" if c.get("pdl") else ""
+    half = " half-partials" if c.get("half_partials") else ""  # run 5b's variant (removed again)
+    return f"head-major {c['block_n']}/{c['num_warps']}/{c['num_stages']}{occ}{pdl}{half}"
 
 
 def log(msg: str) -> None:
@@ -131,14 +133,20 @@ def time_graph(fn: Callable[[], Any], dev: torch.device, reps: int, inner: int =
         fn()
     graph.replay()
     sync(dev)
+    # Replays back to back, events around groups of them: the time per call on the GPU, as inside a model's
+    # decode step, where a call is one of many kernels of one graph. (Runs 1-5 put the events around each
+    # single replay, synchronised: that adds the graph's launch latency to every sample, ~5-10 µs on the H200,
+    # a sixth of a batch-16 × 8K call; decode.md, run 5.)
+    groups, per = 5, max(1, reps // 5)
     times = []
-    for _ in range(reps):
+    for _ in range(groups):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        for _ in range(per):
+            graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / per)
     del graph
     return sorted(times)[len(times) // 2] / inner
 
@@ -237,7 +245,8 @@ def check_kernel(dev: torch.device) -> None:
             None if mask is None else (mask[..., :filled] if mask.dtype == torch.bool else mask[..., :filled].float()),
         )
         for cfg in (KernelConfig(block_n=64, num_warps=4), KernelConfig(block_n=64, num_warps=8, num_stages=3),
-                    KernelConfig(block_n=64, num_warps=4, num_stages=3)):
+                    KernelConfig(block_n=64, num_warps=4, num_stages=3),
+                    KernelConfig(block_n=64, num_warps=4, num_stages=3, pdl=True)):
             try:
                 out = decode_attention_triton(q_lat, q_rope, buf[..., :512], buf[..., 512:], 0.07, mask, kv_len, config=cfg)
                 err = rel(out, ref)
@@ -402,12 +411,16 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         # stages takes 184 KiB as compiled for sm_90) and won with head-major 64/4/3, now the default. It also swept tensor-descriptor
         # (TMA) loads in both layouts and a 64-row padded head-major block: all slower, removed (commit 4bed150).
         # Run 4 timed a balanced one-program-per-SM schedule (commit 1980ec3), 16-bit partials and the merge in the
-        # last program (commit 9fe5822): all slower than run 3's kernel (decode.md), all removed. What is left to
-        # sweep: the pipeline depth and the warp count.
+        # last program (commit 9fe5822): all slower than run 3's kernel (decode.md), all removed. Run 5 timed a
+        # Gluon warpgroup-MMA stage 1 (commit 65d8ae3, `decode.run5_wgmma*.log`): 10% slower, removed; and added
+        # programmatic dependent launch (`pdl`, the default since). Run 5b (`decode.run5b.log`) lost again with
+        # 16-bit partials (+28% at batch 16 x 8K) and with 32- or 16-token tiles at two blocks per multiprocessor
+        # (+17%, +72%). What is left to sweep: the pipeline depth, the warp count, and PDL on or off.
         K = md.KernelConfig
         sweep = [
-            K(block_n=64, num_warps=4, num_stages=2),
-            K(block_n=64, num_warps=8, num_stages=3),
+            K(block_n=64, num_warps=4, num_stages=3, pdl=False),
+            K(block_n=64, num_warps=4, num_stages=2, pdl=True),
+            K(block_n=64, num_warps=8, num_stages=3, pdl=True),
         ]
     for s in contexts:
         for b in batches:
@@ -476,9 +489,9 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         if adopt_best and wins:
             md.DEFAULT_CONFIG = wins[0]
             log(f"kernel default for the rest of the run: {asdict(md.DEFAULT_CONFIG)}")
-        # the sweep's winner and the two-stage kernel (the 11.03× of run 3) beside the default
-        two_stage = md.KernelConfig(num_stages=2)
-        for cfg in [*wins[:1], two_stage]:
+        # the same kernel without PDL and the sweep's winner beside the default
+        no_pdl = replace(md.DEFAULT_CONFIG, pdl=False)
+        for cfg in [no_pdl, *wins[:1]]:
             if cfg != md.DEFAULT_CONFIG and cfg not in E2E_CONFIGS:
                 E2E_CONFIGS.append(cfg)
         del E2E_CONFIGS[E2E_KERNELS - 1:]

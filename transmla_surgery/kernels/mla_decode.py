@@ -87,11 +87,6 @@ class KernelConfig:
     # the end of the one before it in the stream. Ignored under the interpreter, on GPUs before sm_90 and on
     # ROCm. Resources are unchanged, so the out-of-resources fallback keeps it.
     pdl: bool = False
-    # Stage 1 as the Gluon kernel of `mla_decode_wgmma` (warpgroup MMA on token-major 64-token tiles, a ring of
-    # `nbuf` 8 KiB chunks) where it applies: Hopper, 16-bit cache, r = 512, d_rope = 64, at most 32 query rows.
-    # Elsewhere the Triton kernel above runs with the other fields. `block_n` is then 64.
-    wgmma: bool = False
-    nbuf: int = 22
 
 
 # Default launch parameters, from `bench/decode.py` on an H200 (bench/results/decode.md, runs 3 and 4): 64-token
@@ -102,9 +97,10 @@ class KernelConfig:
 # bandwidth); inside the whole model Llama-3-8B-shaped decoding gained 8% at 8K and 10% at 16K, Llama-2-7B-shaped
 # lost 4%. Slower on the H200 and removed again: tensor-descriptor (TMA) loads and a 64-row padded block for
 # warpgroup MMA (commit 4bed150 has them), the token-major variant, and a balanced one-program-per-SM schedule
-# (commit 1980ec3; why in decode.md, run 4). GPUs with less shared memory fall back to two stages, then to
-# `SAFE_CONFIG`.
-DEFAULT_CONFIG = KernelConfig(num_stages=3)
+# (commit 1980ec3; why in decode.md, run 4), a Gluon warpgroup-MMA stage 1, 16-bit partials and 32- or 16-token
+# tiles at two blocks per SM (commit 65d8ae3; decode.md, run 5). PDL (run 5): 2-5% at batch <= 16, neutral
+# above and end to end. GPUs with less shared memory fall back to two stages, then to `SAFE_CONFIG`.
+DEFAULT_CONFIG = KernelConfig(num_stages=3, pdl=True)
 # Small tiles that fit any supported GPU: the fallback when a launch runs out of shared memory or registers
 # (with the failing configuration's `pdl`, which costs no resources).
 SAFE_CONFIG = KernelConfig(block_n=16, num_warps=4, num_stages=2)
@@ -283,14 +279,6 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _wgmma_supported(q_lat: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> bool:
-    try:
-        from .mla_decode_wgmma import supported
-    except Exception:  # pragma: no cover - a Triton without Gluon
-        return False
-    return supported(q_lat, latent, k_rope)
-
-
 @lru_cache(maxsize=8)
 def _pdl_capable(device_index: int) -> bool:
     """Programmatic dependent launch needs an NVIDIA GPU of compute capability 9.0 or newer (not ROCm, whose
@@ -369,10 +357,7 @@ def decode_attention_triton(
         qr = qr.contiguous()
 
     interpret = _interpreting()
-    use_wgmma = bool(cfg.wgmma) and not interpret and _wgmma_supported(ql, latent, k_rope)
-    if use_wgmma:
-        cfg = replace(cfg, block_n=64)
-    block_h = max(16, min(32 if use_wgmma else cfg.block_h, triton.next_power_of_2(m_rows)))
+    block_h = max(16, min(cfg.block_h, triton.next_power_of_2(m_rows)))
     head_blocks = triton.cdiv(m_rows, block_h)
     if num_splits is None:
         slots = (_sm_count(latent.device.index or 0) if latent.is_cuda else 132) * cfg.ctas_per_sm
@@ -411,42 +396,22 @@ def decode_attention_triton(
     pdl = bool(cfg.pdl) and not interpret and latent.is_cuda and _pdl_capable(latent.device.index or 0)
     launch_kw = {"launch_pdl": True} if pdl else {}
     try:
-        if use_wgmma:
-            from .mla_decode_wgmma import _stage1_wgmma
-
-            _stage1_wgmma[(num_splits, b)](
-                ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
-                ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
-                latent.stride(0), latent.stride(1),
-                k_rope.stride(0), k_rope.stride(1),
-                *mstr,
-                len_stride,
-                o_part.stride(0), o_part.stride(1), o_part.stride(2),
-                lse.stride(0), lse.stride(1),
-                s, t, h, m_rows, split_len, scale * LOG2E,
-                BLOCK_H=block_h, NBUF=cfg.nbuf, MASK_MODE=mask_mode, HAS_LEN=has_len, PDL=pdl,
-                num_warps=4, **launch_kw,
-            )
-        else:
-            stage1[(head_blocks, num_splits, b)](
-                ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
-                ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
-                latent.stride(0), latent.stride(1),
-                k_rope.stride(0), k_rope.stride(1),
-                *mstr,
-                len_stride,
-                o_part.stride(0), o_part.stride(1), o_part.stride(2),
-                lse.stride(0), lse.stride(1),
-                s, t, h, m_rows, split_len, scale * LOG2E,
-                DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
-                BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
-                IEEE=dtype == torch.float32, PDL=pdl,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kw,
-            )
+        stage1[(head_blocks, num_splits, b)](
+            ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
+            ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+            latent.stride(0), latent.stride(1),
+            k_rope.stride(0), k_rope.stride(1),
+            *mstr,
+            len_stride,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2),
+            lse.stride(0), lse.stride(1),
+            s, t, h, m_rows, split_len, scale * LOG2E,
+            DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
+            BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
+            IEEE=dtype == torch.float32, PDL=pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kw,
+        )
     except _OUT_OF_RESOURCES:
-        if use_wgmma:  # a Hopper part with less shared memory than the ring needs: the Triton kernel
-            return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len,
-                                           num_splits=requested_splits, config=replace(cfg, wgmma=False))
         if replace(cfg, pdl=SAFE_CONFIG.pdl) == SAFE_CONFIG:
             raise
         # a configuration too large for this GPU's shared memory or registers: one stage fewer, then the small
