@@ -12,9 +12,10 @@ next one runs):
    `MLAStaticCache` + kernel == uncached generation (float32, token for token), and a CUDA-graph replay of a
    decode step == the eager step.
 3. ``attention``: one layer's decode attention alone, batch 1/16/64 × 4K/8K/32K cached tokens, 32 heads:
-   the Triton kernel (a few launch configurations swept where it matters; the best becomes the default for the
-   rest of the run), the plain PyTorch absorbed path, and SDPA for MHA (32 KV heads × 128) and GQA-8. Each timed
-   as CUDA-graph replays, rotating over enough copies of the inputs to exceed the L2 cache.
+   the Triton kernel (a few launch configurations swept where it matters; with ``--adopt-best`` the best becomes
+   the default for the rest of the run), the plain PyTorch absorbed path, and SDPA for MHA (32 KV heads × 128)
+   and GQA-8. Each timed as back-to-back CUDA-graph replays, rotating over enough copies of the inputs to exceed
+   the L2 cache.
 4. ``e2e``: random-weight Llama-2-7B-shaped (MHA) and Llama-3-8B-shaped (GQA-8) models in bf16, original
    (transformers attention, SDPA, HF ``StaticCache``) against the same model with its attention converted to
    MLA 512+64 (random MLA weights of the conversion's geometry: speed does not depend on the values, and the
@@ -67,14 +68,13 @@ E2E_CONFIGS: list[Any] = []  # filled by `attention_alone`; the default first
 # ================================================================================================ utilities
 def kernel_label(cfg: Any) -> str:
     """``head-major 64/4/3``: tokens per tile / warps / pipeline stages of a `KernelConfig` (or its dict), plus the
-    assumed occupancy when above one (the name the logs and decode.md have used since run 1)."""
+    assumed occupancy when above one and ``pdl`` (the names the logs and decode.md have used since run 1)."""
     if cfg is None:
         return "-"
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
     occ = f" occ{c['ctas_per_sm']}" if c.get("ctas_per_sm", 1) > 1 else ""
     pdl = " pdl" if c.get("pdl") else ""
-    half = " half-partials" if c.get("half_partials") else ""  # run 5b's variant (removed again)
-    return f"head-major {c['block_n']}/{c['num_warps']}/{c['num_stages']}{occ}{pdl}{half}"
+    return f"head-major {c['block_n']}/{c['num_warps']}/{c['num_stages']}{occ}{pdl}"
 
 
 def log(msg: str) -> None:
