@@ -420,6 +420,7 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         sweep = [
             K(block_n=64, num_warps=4, num_stages=3, pdl=False),
             K(block_n=64, num_warps=4, num_stages=2, pdl=True),
+            K(block_n=64, num_warps=4, num_stages=2, pdl=True, ctas_per_sm=2),
             K(block_n=64, num_warps=8, num_stages=3, pdl=True),
         ]
     for s in contexts:
