@@ -480,8 +480,8 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
                 del q, k, v
                 free(dev)
     if use_triton and best_cfg and not smoke:
-        # The end-to-end part times the converted models with the library default and with the configurations
-        # winning the batch >= 16 shapes here and the two-stage one (at most `E2E_KERNELS` in all): alone and inside
+        # The end-to-end part times the converted models with the library default, the same kernel without PDL and
+        # the configuration winning most batch >= 16 shapes here (at most `E2E_KERNELS` in all): alone and inside
         # a whole decode step the order has differed (run 2: token-major 12% faster alone, 10% slower inside
         # Llama-2-7B).
         from collections import Counter

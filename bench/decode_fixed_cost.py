@@ -20,9 +20,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import decode as D  # noqa: E402  (the harness's timer: back-to-back CUDA-graph replays, median of 5 groups)
 
 from transmla_surgery.kernels import mla_decode as md  # noqa: E402
+
+_KERNELS = md._kernels  # gives the real (stage 1, merge) pair; put back after each stage-1-only timing
 
 
 class _NoLaunch:
@@ -30,28 +33,6 @@ class _NoLaunch:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
-
-
-def time_calls(fn, reps: int = 20) -> float:
-    """µs per call of ``fn`` (which makes ``n`` calls; divided out by the caller) from back-to-back replays."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps // 5):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (reps // 5) * 1e3)
-    del graph
-    return sorted(times)[2]
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -86,8 +67,9 @@ def main() -> None:
                     if not merge:
                         md._kernels = lambda interpret, _r=real: (_r[0], _NoLaunch())
                     try:
-                        us = time_calls(lambda: [md.decode_attention_triton(ql[i], qr[i], kv[i][..., :512], kv[i][..., 512:], 192**-0.5,
-                                                                             num_splits=splits, config=cfg) for i in range(n)]) / n
+                        fn = lambda: [md.decode_attention_triton(ql[i], qr[i], kv[i][..., :512], kv[i][..., 512:], 192**-0.5,
+                                                                  num_splits=splits, config=cfg) for i in range(n)]
+                        us = D.time_graph(fn, dev, reps=20, inner=n) * 1e3
                     finally:
                         md._kernels = _KERNELS
                     rows.append(dict(name=name, config=asdict(cfg), splits=splits, batch=batch, context=s, merge=merge,
@@ -110,8 +92,6 @@ def main() -> None:
     (out / "decode_fixed_cost.json").write_text(json.dumps({"device": torch.cuda.get_device_name(dev), "rows": rows,
                                                             "summary": summary}, indent=1) + "\n")
 
-
-_KERNELS = md._kernels
 
 if __name__ == "__main__":
     main()
