@@ -17,7 +17,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -75,8 +75,11 @@ def main() -> None:
     model = D.build_on_device(LlamaForCausalLM, cfg, dev, dtype)
     g, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     use_triton = dev.type == "cuda" and D.triton_available()
-    default = md.DEFAULT_CONFIG
-    kernels = [default, md.KernelConfig(num_stages=2)]  # the default (three stages) and the two-stage one
+    default, large = md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG
+    # each forced on every call: the one-block-per-SM default, the two-blocks-per-SM configuration the library
+    # picks for large calls (this shape's), and the latter without PDL, whose merge kernel the profiler then
+    # times alone (with PDL its programs are resident, waiting, while stage 1's last wave runs)
+    kernels = [default, large, replace(large, pdl=False)]
     for side in ("original", "mla"):
         b = batches[side]
         configs = kernels if (side == "mla" and use_triton) else [None]
@@ -84,7 +87,7 @@ def main() -> None:
             D.swap_in_mla(model, rank, rope, dev, dtype)
         for kcfg in configs:
             if kcfg is not None:
-                md.DEFAULT_CONFIG = kcfg
+                md.DEFAULT_CONFIG = md.LARGE_WORK_CONFIG = kcfg
             if side == "original":
                 cache = StaticCache(config=cfg, max_cache_len=ctx)
                 cache.early_initialization(b, g, hd, dtype, dev)
@@ -110,7 +113,7 @@ def main() -> None:
                 lines.append(f"  {r['us_per_step']:9.1f} us  {r['launches_per_step']:5.0f}x  {r['kernel'][:88]}")
             del cache
             D.free(dev)
-    md.DEFAULT_CONFIG = default
+    md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG = default, large
     if use_triton:
         b, s = batches["mla"], ctx
         heads = cfg.num_attention_heads
@@ -120,7 +123,7 @@ def main() -> None:
         n_len = torch.tensor(s, device=dev)
         alone = {}
         for kcfg in kernels:
-            for splits in (None, 1, 2, 3, 4, 6):
+            for splits in (None, 2, 4):
                 ms = D.time_graph(lambda: md.decode_attention_triton(q_lat, q_rope, kv[..., :rank], kv[..., rank:], 0.07,
                                                                      kv_len=n_len, num_splits=splits, config=kcfg),
                                   dev, reps=20)

@@ -332,3 +332,40 @@ def test_latent_rms_norm_equals_the_float64_formula():
     xb = x.to(torch.bfloat16)
     refb = norm.weight.double() * (xb.double() / torch.sqrt(xb.double().pow(2).mean(-1, keepdim=True) + 1e-5))
     assert rel_err(norm.to(torch.bfloat16)(xb).double(), refb) < 1e-2
+
+
+def test_latent_mask_follows_every_change_without_multiplying_by_ones():
+    """An all-ones `latent_mask` is not multiplied in (one kernel less per decode step); every way the library
+    changes it (in place, as the rank schedule does; a new tensor, as `truncate_rank` does) is seen at the next
+    call, and the result always equals the explicit product."""
+    block = _block(torch.float64)
+    x = torch.randn(2, 5, block.kv_a_proj_with_mqa.in_features, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def explicit() -> torch.Tensor:
+        kv = block.kv_a_proj_with_mqa(x)[..., : block.kv_lora_rank]
+        return (block.kv_a_layernorm(kv) * block.latent_mask).view(2, 1, 5, -1)
+
+    calls = []
+    real_mul = torch.Tensor.__mul__
+
+    def counting_mul(a, b):
+        calls.append(tuple(b.shape) if isinstance(b, torch.Tensor) else None)
+        return real_mul(a, b)
+
+    with torch.no_grad():
+        for change in ("none", "in place", "new tensor", "ones again"):
+            if change == "in place":
+                block.latent_mask[block.kv_lora_rank // 2:] = 0
+            elif change == "new tensor":
+                block.latent_mask = torch.cat([torch.zeros(3), torch.ones(block.kv_lora_rank - 3)]).double()
+            elif change == "ones again":
+                block.latent_mask.fill_(1)
+            calls.clear()
+            torch.Tensor.__mul__ = counting_mul
+            try:
+                latent, _ = block.project_latent(x)
+            finally:
+                torch.Tensor.__mul__ = real_mul
+            assert torch.equal(latent, explicit()), change
+            masked = change in ("in place", "new tensor")
+            assert ((block.kv_lora_rank,) in calls) == masked, (change, calls)

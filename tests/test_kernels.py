@@ -336,3 +336,100 @@ def test_custom_op_fake_matches_the_kernel():
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake = mla_decode_op(*(mode.from_tensor(x) for x in (q_lat, q_rope, lat, kr)), 0.1, None, None)
     assert fake.shape == out.shape and fake.stride() == out.stride() and fake.dtype == out.dtype
+
+
+# ------------------------------------------------------------------------------------------------ fused RoPE
+def _rope_inputs(b, h, t, d, dtype, seed=1):
+    """Strided views as `MLAAttention` passes them: the query's rope channels inside ``[B, T, H, d_nope + d]``, the
+    key's inside ``[B, T, r + d]``, ``cos``/``sin`` every second channel of a ``[B, T, 2d]`` table."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, 24 + d, generator=g).to(DEVICE, dtype)
+    kv = torch.randn(b, t, 40 + d, generator=g).to(DEVICE, dtype)
+    ang = torch.rand(b, t, 2 * d, generator=g) * 6.0
+    cos, sin = ang.cos().to(DEVICE, dtype), ang.sin().to(DEVICE, dtype)
+    q_rope = q.transpose(1, 2)[..., 24:]
+    k_rope = kv[..., 40:].view(b, 1, t, d)
+    return q_rope, k_rope, cos[..., ::2].unsqueeze(1), sin[..., ::2].unsqueeze(1)
+
+
+@in_process
+@pytest.mark.parametrize("dtype", DTYPES)  # bf16 on the GPU only: the interpreter's bf16 rounding is not the GPU's
+@pytest.mark.parametrize("shape", [(3, 4, 1, 16), (2, 5, 3, 8), (1, 32, 2, 64)], ids=["decode", "odd_heads", "wide"])
+def test_fused_rope_is_bitwise_the_torch_formula(dtype, shape):
+    """One launch for query and key, each product rounded as PyTorch rounds it: the same bits, so prefill
+    (which may take either path) and decode agree exactly."""
+    from transmla_surgery.kernels.reference import apply_rope_torch
+    from transmla_surgery.kernels.rope import apply_rope_triton, fused_rope_supported
+
+    b, h, t, d = shape
+    q_rope, k_rope, cos, sin = _rope_inputs(b, h, t, d, dtype)
+    assert fused_rope_supported(q_rope, k_rope, cos, sin)
+    q_out, k_out = apply_rope_triton(q_rope, k_rope, cos, sin)
+    assert q_out.shape == (b, h, t, d) and k_out.shape == (b, 1, t, d) and q_out.is_contiguous()
+    assert torch.equal(q_out, apply_rope_torch(q_rope, cos, sin))
+    assert torch.equal(k_out, apply_rope_torch(k_rope, cos, sin))
+    # and it is RoPE: against a float64 rotation of each (first, second) half pair
+    x = q_rope.double()
+    c, s = cos.double(), sin.double()
+    half = d // 2
+    ref = torch.cat([x[..., :half] * c[..., :half] - x[..., half:] * s[..., :half],
+                     x[..., half:] * c[..., half:] + x[..., :half] * s[..., half:]], -1)
+    assert float((q_out.double() - ref).abs().max()) < {torch.float32: 1e-5}.get(dtype, 0.05)
+
+
+@in_process
+def test_fused_rope_shared_cos_sin_and_fallbacks():
+    """``cos``/``sin`` with batch 1 broadcast; unsupported inputs (odd width, mixed dtypes, autograd) take the
+    formula through `apply_rope` instead of failing."""
+    from transmla_surgery.kernels import apply_rope
+    from transmla_surgery.kernels.reference import apply_rope_torch
+    from transmla_surgery.kernels.rope import apply_rope_triton, fused_rope_supported
+
+    q_rope, k_rope, cos, sin = _rope_inputs(3, 4, 2, 16, torch.float32)
+    q_out, k_out = apply_rope_triton(q_rope, k_rope, cos[:1], sin[:1])
+    assert torch.equal(q_out, apply_rope_torch(q_rope, cos[:1], sin[:1]))
+    assert torch.equal(k_out, apply_rope_torch(k_rope, cos[:1], sin[:1]))
+    assert not fused_rope_supported(q_rope[..., :6], k_rope[..., :6], cos[..., :6], sin[..., :6])  # width 6
+    assert not fused_rope_supported(q_rope, k_rope, cos.double(), sin)
+    set_decode_backend("triton")
+    try:
+        w = q_rope.clone().requires_grad_(True)
+        q_out, _ = apply_rope(w, k_rope, cos, sin)  # autograd: the formula, with a gradient
+        q_out.sum().backward()
+        assert w.grad is not None and torch.isfinite(w.grad).all()
+        with torch.no_grad():
+            q2, k2 = apply_rope(q_rope, k_rope, cos, sin)
+        assert torch.equal(q2, apply_rope_torch(q_rope, cos, sin)) and torch.equal(k2, apply_rope_torch(k_rope, cos, sin))
+    finally:
+        set_decode_backend("auto")
+
+
+
+# ------------------------------------------------------------------------------------------------ configuration choice
+@in_process
+def test_large_calls_take_the_two_blocks_per_sm_configuration(monkeypatch):
+    """``config=None``: the default (one block per SM, three stages) below `LARGE_WORK_TILES` tiles of work, the
+    two-blocks-per-SM configuration from there on, with its split count chosen for twice the slots; the
+    results are the same either way."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    assert md.auto_config(16, 1, 8192) is md.DEFAULT_CONFIG  # the attention goal's shapes: 2K and 8K tiles
+    assert md.auto_config(64, 1, 8192) is md.DEFAULT_CONFIG
+    assert md.auto_config(191, 1, 8320) is md.LARGE_WORK_CONFIG  # Llama-3-8B shape at 8K, its largest batch
+    assert md.auto_config(64, 1, 32768) is md.LARGE_WORK_CONFIG
+    assert md.LARGE_WORK_CONFIG.ctas_per_sm == 2 and md.DEFAULT_CONFIG.ctas_per_sm == 1
+
+    small, large = KernelConfig(block_n=16, block_h=16, num_stages=1), KernelConfig(block_n=16, block_h=16, num_stages=2, ctas_per_sm=2)
+    monkeypatch.setattr(md, "DEFAULT_CONFIG", small)
+    monkeypatch.setattr(md, "LARGE_WORK_CONFIG", large)
+    monkeypatch.setattr(md, "LARGE_WORK_TILES", 40)  # 16-token tiles: batch 3 × 100 tokens = 21 tiles, × 2 = 42
+    launches = _spy_launches(monkeypatch)
+    outs = []
+    for b in (3, 6):
+        q_lat, q_rope, lat, kr, _ = _inputs(b, 1, 4, 32, 16, 100, torch.float32, seed=b)
+        outs.append((decode_attention_triton(q_lat, q_rope, lat, kr, 0.15), _ref(q_lat, q_rope, lat, kr, 0.15)))
+    stage1 = [(grid, kw["num_stages"]) for stage, grid, kw in launches if stage == 1]
+    splits = [choose_num_splits(b, 1, 100, 16, 132 * occ) for b, occ in ((3, 1), (6, 2))]
+    assert stage1 == [((1, splits[0], 3), 1), ((1, splits[1], 6), 2)]
+    for out, ref in outs:
+        assert _err(out, ref) < TOL[torch.float32]

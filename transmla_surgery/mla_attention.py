@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .absorbed import DEFAULT_ABSORB_MAX_QUERY, absorbed_attention, can_absorb
+from .kernels import apply_rope, rotate_half  # noqa: F401  (rotate_half: re-exported, it used to live here)
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,6 @@ class RMSNorm(nn.Module):
         # where the spelled-out form is five (this runs in every layer of every decode step)
         h = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.variance_epsilon)
         return self.weight * h.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def rope_channel_index(source_head_dim: int, rope_dim: int) -> torch.Tensor:
@@ -144,6 +140,9 @@ class MLAAttention(nn.Module):
         # shapes). Not persistent: checkpoints keep the DeepSeek-V3 tensor names only; the rank lives in the
         # training callback's state, and `transmla_surgery.rank.truncate_rank` makes it physical.
         self.register_buffer("latent_mask", torch.ones(g.kv_lora_rank), persistent=False)
+        self._mask_seen: torch.Tensor | None = None  # the mask tensor and version `_mask_is_ones` last checked
+        self._mask_version = -1
+        self._mask_ones = False
 
     # ------------------------------------------------------------------ pieces
     def project_query(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -160,8 +159,25 @@ class MLAAttention(nn.Module):
         b, t, _ = hidden_states.shape
         kv = self.kv_a_proj_with_mqa(hidden_states)
         latent, k_rope = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent) * self.latent_mask.to(latent.dtype)
+        latent = self.kv_a_layernorm(latent)
+        if not self._mask_is_ones():  # multiplying by ones is the identity: one kernel less per decode step
+            latent = latent * self.latent_mask.to(latent.dtype)
         return latent.view(b, 1, t, self.kv_lora_rank), k_rope.view(b, 1, t, self.qk_rope_head_dim)
+
+    def _mask_is_ones(self) -> bool:
+        """Whether `latent_mask` is all ones. Checked again (one device synchronisation) only when the mask has
+        changed since the last check: another tensor, or an in-place write (its version counter). Under
+        torch.compile and during CUDA-graph capture, where no check may synchronise, a changed mask counts as
+        not all ones (the multiply is then kept, which is exact either way)."""
+        mask = self.latent_mask
+        if torch.compiler.is_compiling():
+            return False
+        if mask is not self._mask_seen or mask._version != self._mask_version:
+            if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+                return False
+            # holding the checked tensor keeps its id from being reused by a new one
+            self._mask_seen, self._mask_version, self._mask_ones = mask, mask._version, bool((mask == 1).all())
+        return self._mask_ones
 
     def rope_cos_sin(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Select the kept frequencies from the host's ``cos, sin`` ``[B, T, d]`` → ``[B, 1, T, d_rope]``."""
@@ -200,8 +216,7 @@ class MLAAttention(nn.Module):
         latent, k_rope = self.project_latent(hidden_states)
 
         cos, sin = self.rope_cos_sin(position_embeddings)
-        q_rope = q_rope * cos + rotate_half(q_rope) * sin
-        k_rope = k_rope * cos + rotate_half(k_rope) * sin
+        q_rope, k_rope = apply_rope(q_rope, k_rope, cos, sin)  # one launch on CUDA at inference
 
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)

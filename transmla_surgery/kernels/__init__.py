@@ -1,8 +1,9 @@
-"""Decode kernels. `decode_attention` picks the Triton kernel on CUDA and the PyTorch reference elsewhere.
+"""Decode kernels. `decode_attention` (absorbed MLA attention) and `apply_rope` (the rope channels of query and
+shared key) pick their Triton kernel on CUDA and the PyTorch formula elsewhere.
 
 Backend selection: ``set_decode_backend("auto" | "torch" | "triton")`` or the environment variable
 ``TRANSMLA_DECODE_BACKEND``; ``auto`` uses Triton for CUDA tensors in float16/bfloat16/float32 when no gradient
-is needed, the PyTorch reference otherwise.
+is needed, PyTorch otherwise; ``triton`` forces it (on the CPU: Triton's interpreter, ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 
 import torch
 
-from .reference import causal_mask, decode_attention_reference
+from .reference import apply_rope_torch, causal_mask, decode_attention_reference, rotate_half
 
 _BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("TRANSMLA_DECODE_BACKEND", "auto")
@@ -47,6 +48,21 @@ def _wants_triton(*tensors: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16, torch.float32) and not needs_grad and triton_available()
 
 
+def apply_rope(
+    q_rope: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on ``q_rope [B, H, T, d]`` and ``k_rope [B, 1, T, d]`` with ``cos``/``sin`` ``[B|1, 1, T, d]``:
+    ``x·cos + rotate_half(x)·sin`` for each. One Triton launch for both where the backend allows it (bitwise the
+    same numbers as the PyTorch formula's ten kernels), the formula otherwise."""
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_rope, k_rope, cos, sin))
+    if _wants_triton(q_rope, k_rope, cos, sin) and not needs_grad and not torch.compiler.is_compiling():
+        from .rope import apply_rope_triton, fused_rope_supported
+
+        if fused_rope_supported(q_rope, k_rope, cos, sin):
+            return apply_rope_triton(q_rope, k_rope, cos, sin)
+    return apply_rope_torch(q_rope, cos, sin), apply_rope_torch(k_rope, cos, sin)
+
+
 def decode_attention(
     q_lat: torch.Tensor,
     q_rope: torch.Tensor,
@@ -68,6 +84,8 @@ def decode_attention(
 
 
 __all__ = [
+    "apply_rope",
+    "rotate_half",
     "decode_attention",
     "decode_attention_reference",
     "causal_mask",

@@ -22,8 +22,10 @@ loop.
 Queries are read in place through their batch, token and head strides; the output ``[B, T, H, r]`` is a view
 of head-major storage (``[H, B, T, r]``), the layout the per-head up-projection after it reads without a copy.
 
-The number of splits is chosen so that ``batch × head blocks × splits`` programs fill the GPU's multiprocessors
-in whole waves (`choose_num_splits`). Masks: none (causal, aligned at the end, as the reference), bool
+The launch configuration is chosen per call (`auto_config`): one block of 4 warps per multiprocessor with a
+three-stage tile pipeline (`DEFAULT_CONFIG`), or for calls with much to read two such blocks per multiprocessor
+with two stages each (`LARGE_WORK_CONFIG`). The number of splits is chosen so that ``batch × head blocks ×
+splits`` programs fill the GPU's block slots in whole waves (`choose_num_splits`). Masks: none (causal, aligned at the end, as the reference), bool
 (True = attend, read as bytes) or additive float, each ``[B or 1, T, S]`` with any strides. An optional
 per-batch (or scalar) length tensor bounds the tokens read (a static cache's filled length: positions past it
 are masked anyway), without a host sync, so the launch can be captured in a CUDA graph. A row whose every key
@@ -98,9 +100,19 @@ class KernelConfig:
 # lost 4%. Slower on the H200 and removed again: tensor-descriptor (TMA) loads and a 64-row padded block for
 # warpgroup MMA (commit 4bed150 has them), the token-major variant, and a balanced one-program-per-SM schedule
 # (commit 1980ec3; why in decode.md, run 4), a Gluon warpgroup-MMA stage 1, 16-bit partials and 32- or 16-token
-# tiles at two blocks per SM (commit 65d8ae3; decode.md, run 5). PDL (run 5): 2-5% at batch <= 16, neutral
-# above and end to end. GPUs with less shared memory fall back to two stages, then to `SAFE_CONFIG`.
+# tiles at two blocks per SM (commit 65d8ae3; decode.md, run 5); in run 6 a balanced schedule again, 16-bit
+# partials again, 16-row head blocks and lazy rescaling of the running output. PDL (run 5): 2-5% at batch
+# <= 16, neutral above and end to end. GPUs with less shared memory fall back to two stages, then to `SAFE_CONFIG`.
 DEFAULT_CONFIG = KernelConfig(num_stages=3, pdl=True)
+# For large calls: two blocks per multiprocessor, two stages each (112 KiB of shared memory and 255 registers per
+# thread: two blocks just fit). Two independent tile streams per SM hide each other's latencies and stream at
+# 4.3-4.4 TB/s on the H200 against 3.7-3.9 for the default, but a call costs more fixed time (twice the programs,
+# twice the partials to merge), so it wins only where there is much to stream. On an H200 (bench/results/
+# decode_select.run*.json): 1-9% faster at ~24.8K tiles per call and more (the end-to-end batches 191-1381 at 1K-16K
+# prompts, batch 64 × 32K), 3-4% slower at 8K tiles (batch 64 × 8K, batch 16 × 32K), 17% slower at 2K (batch
+# 16 × 8K); end to end 2-5% more tokens per second at 8K (decode.md, run 6).
+LARGE_WORK_CONFIG = KernelConfig(num_stages=2, ctas_per_sm=2, pdl=True)
+LARGE_WORK_TILES = 16384  # tiles per call (batch × head blocks × ceil(S / block_n)) from which it is chosen
 # Small tiles that fit any supported GPU: the fallback when a launch runs out of shared memory or registers
 # (with the failing configuration's `pdl`, which costs no resources).
 SAFE_CONFIG = KernelConfig(block_n=16, num_warps=4, num_stages=2)
@@ -317,6 +329,13 @@ def choose_num_splits(
     return best
 
 
+def auto_config(batch: int, head_blocks: int, seq_len: int) -> KernelConfig:
+    """The launch configuration for a call with ``config=None``: `LARGE_WORK_CONFIG` from `LARGE_WORK_TILES`
+    tiles of work on, `DEFAULT_CONFIG` below (tiles counted with the default's ``block_n``)."""
+    tiles = batch * head_blocks * math.ceil(seq_len / DEFAULT_CONFIG.block_n)
+    return LARGE_WORK_CONFIG if tiles >= LARGE_WORK_TILES else DEFAULT_CONFIG
+
+
 def decode_attention_triton(
     q_lat: torch.Tensor,
     q_rope: torch.Tensor,
@@ -334,15 +353,15 @@ def decode_attention_triton(
     e.g. two column ranges of one ``[B, S, r + d_rope]`` buffer."""
     if triton is None:
         raise RuntimeError("triton is not installed")
-    cfg = config or DEFAULT_CONFIG
     requested_splits = num_splits
-    if latent.element_size() == 4 and cfg.block_n > 16:
-        # float32 tiles take twice the shared memory: keep them within the per-block limit
-        cfg = replace(cfg, block_n=16, num_stages=min(cfg.num_stages, 2))
     b, t, h, r = q_lat.shape
     dr = q_rope.shape[-1]
     s = latent.shape[1]
     m_rows = t * h
+    cfg = config or auto_config(b, triton.cdiv(m_rows, DEFAULT_CONFIG.block_h), s)
+    if latent.element_size() == 4 and cfg.block_n > 16:
+        # float32 tiles take twice the shared memory: keep them within the per-block limit
+        cfg = replace(cfg, block_n=16, num_stages=min(cfg.num_stages, 2), ctas_per_sm=1)
     if latent.stride(-1) != 1 or k_rope.stride(-1) != 1:
         raise ValueError("latent and k_rope must be contiguous in their last dimension")
     dtype = latent.dtype

@@ -54,3 +54,15 @@ def decode_attention_reference(
             scores = scores + m.to(scores.dtype)
     probs = F.softmax(scores, dim=-1).to(latent.dtype).view(b, t * h, s)
     return torch.bmm(probs, latent).view(b, t, h, r)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[-x[d/2:], x[:d/2]]`` over the last dimension (Hugging Face's rotate-half RoPE layout)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE ``x·cos + rotate_half(x)·sin`` (the training path, with autograd, and the reference of
+    `rope.apply_rope_triton`)."""
+    return x * cos + rotate_half(x) * sin

@@ -1,0 +1,222 @@
+"""Which decode-kernel configuration for which amount of work, and what the decode step's small kernels cost
+(issue 4). One GPU call:
+
+    PYTHONUNBUFFERED=1 python bench/decode_select.py --out bench/results     # writes decode_select.{json,log}
+
+1. ``rope``: the fused RoPE launch (`kernels.rope`) against PyTorch's formula at the end-to-end batches: bitwise
+   equality in bf16 and time per call (back-to-back CUDA-graph replays, `decode.time_graph`).
+   ``bmm``: the per-head up-projections around the kernel, as the library writes them and one alternative.
+2. ``attention``: the attention call alone at the shapes the end-to-end benchmark runs (its batches at 1K-16K
+   prompts) and at the attention goal's shapes: the library's automatic choice (`mla_decode.auto_config`) and
+   the two configurations it chooses between, the one-block-per-SM default (three stages) and the
+   two-blocks-per-SM two-stage `LARGE_WORK_CONFIG`.
+3. ``e2e``: Llama-3-8B and Llama-2-7B shapes at 8K, original against converted: the automatic choice with the
+   fused RoPE and with PyTorch's formula, and the default configuration only (`decode.time_decode`, the same
+   harness as decode.py).
+Earlier versions of this script measured what the library now does and what it rejected, each on a fresh H200
+(bench/results/decode.md, run 6): ``decode_select.run1.json`` (explicit split counts for both configurations, the
+fused RoPE and the per-head products), ``decode_select.run2.json`` (low-precision partials and 16-row head
+blocks), ``decode_select.run3.json`` (a balanced one-program-per-slot schedule), ``decode_select.run4.json``
+(lazy rescaling of the running output): all the rejected ones slower.
+Prints a short table last. ``--smoke`` runs tiny shapes on any device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import decode as D  # noqa: E402  (harness: copy ceiling, timer, model shapes, step function)
+
+import transmla_surgery.mla_attention as mla_mod  # noqa: E402
+from transmla_surgery.cache import MLAStaticCache  # noqa: E402
+from transmla_surgery.kernels import apply_rope, decode_attention_reference  # noqa: E402
+from transmla_surgery.kernels.reference import apply_rope_torch  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - D.START:6.1f}s] {msg}", flush=True)
+
+
+def rope_section(dev: torch.device, smoke: bool) -> None:
+    from transmla_surgery.kernels.rope import apply_rope_triton
+
+    dtype = torch.bfloat16
+    for b in ((3,) if smoke else (54, 191, 205)):
+        h, d = 32, 64
+        q = torch.randn(b, 1, h, 192, device=dev, dtype=dtype)
+        kv = torch.randn(b, 1, 576, device=dev, dtype=dtype)
+        ang = torch.rand(b, 1, 128, device=dev) * 6
+        cos, sin = ang.cos().to(dtype)[..., ::2].unsqueeze(1), ang.sin().to(dtype)[..., ::2].unsqueeze(1)
+        q_rope, k_rope = q.transpose(1, 2)[..., 128:], kv[..., 512:].view(b, 1, 1, d)
+        qo, ko = apply_rope_triton(q_rope, k_rope, cos, sin)
+        same = torch.equal(qo, apply_rope_torch(q_rope, cos, sin)) and torch.equal(ko, apply_rope_torch(k_rope, cos, sin))
+        t_fused = D.time_graph(lambda: apply_rope_triton(q_rope, k_rope, cos, sin), dev, reps=200)
+        t_torch = D.time_graph(lambda: (apply_rope_torch(q_rope, cos, sin), apply_rope_torch(k_rope, cos, sin)), dev, reps=200)
+        ROWS.append(dict(kind="rope", batch=b, bitwise_equal=same, fused_us=t_fused * 1e3, torch_us=t_torch * 1e3))
+        log(f"rope B={b:4d}: fused {t_fused * 1e3:6.2f} us, PyTorch formula {t_torch * 1e3:6.2f} us, bitwise equal: {same}")
+
+
+def bmm_section(dev: torch.device, smoke: bool) -> None:
+    """The per-head up-projections around the kernel at the end-to-end batches: as the library does them (output
+    written straight into `o_proj`'s layout with `bmm(out=)`) against a contiguous product and a copy."""
+    from types import SimpleNamespace
+
+    from transmla_surgery.absorbed import absorb_query, expand_output
+
+    h, dn, dv, r = (4, 16, 16, 32) if smoke else (32, 128, 128, 512)
+    w = torch.randn(h * (dn + dv), r, device=dev, dtype=torch.bfloat16) * 0.02
+    mod = SimpleNamespace(num_heads=h, qk_nope_head_dim=dn, v_head_dim=dv, kv_lora_rank=r, kv_b_proj=SimpleNamespace(weight=w))
+    w_uv = w.view(h, dn + dv, r)[:, dn:]
+    for b in ((3,) if smoke else (54, 191, 205)):
+        q = torch.randn(b, 1, h, dn + 64, device=dev, dtype=torch.bfloat16)
+        q_nope = q.transpose(1, 2)[..., :dn]
+        o_lat = torch.randn(h, b, 1, r, device=dev, dtype=torch.bfloat16).permute(1, 2, 0, 3)
+
+        def contiguous_then_copy():
+            o = o_lat.permute(2, 0, 1, 3).reshape(h, b, r)
+            return torch.bmm(o, w_uv.transpose(1, 2)).transpose(0, 1).reshape(b, 1, h * dv)
+
+        t_abs = D.time_graph(lambda: absorb_query(mod, q_nope), dev, reps=200)
+        t_out = D.time_graph(lambda: expand_output(mod, o_lat), dev, reps=200)
+        t_alt = D.time_graph(contiguous_then_copy, dev, reps=200)
+        same = torch.equal(expand_output(mod, o_lat), contiguous_then_copy())
+        ROWS.append(dict(kind="bmm", batch=b, absorb_us=t_abs * 1e3, expand_out_us=t_out * 1e3, expand_copy_us=t_alt * 1e3, equal=same))
+        log(f"bmm B={b:4d}: absorb {t_abs * 1e3:6.2f} us; expand with out= {t_out * 1e3:6.2f} us, contiguous + copy "
+            f"{t_alt * 1e3:6.2f} us (equal: {same})")
+
+
+def attention_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
+    from transmla_surgery.kernels import mla_decode as md
+
+    one = md.DEFAULT_CONFIG
+    two = md.LARGE_WORK_CONFIG
+    # the library's automatic choice (`config=None`) and the two configurations it chooses between
+    variants = [("auto", None), ("1/SM", one), ("2/SM", two)]
+    # (batch, context): decode.py's end-to-end shapes (largest batch in 70 GiB, prompt + 128) and the goal's shapes
+    shapes = [(2, 256), (4, 512)] if smoke else [
+        (16, 8192), (64, 8192), (16, 32768), (64, 32768),
+        (1381, 1152), (376, 4224), (191, 8320), (96, 16512), (205, 8320),
+    ]
+    heads, r, dr = 32, 512, 64
+    scale = 192**-0.5
+    dtype = torch.bfloat16
+    for b, s in shapes:
+        nbytes = b * s * (r + dr) * 2 + b * heads * (r + dr) * 2 + b * heads * r * 2
+        q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
+        q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
+        kv = torch.randn(b, s, r + dr, device=dev, dtype=dtype)
+        ref = decode_attention_reference(q_lat[:1].float(), q_rope[:1].float(), kv[:1, :, :r].float(), kv[:1, :, r:].float(), scale)
+        for label, cfg in variants:
+            try:
+                out = md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], scale, config=cfg)
+                err = D.rel(out[:1], ref)
+                ms = D.time_graph(lambda: md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], scale, config=cfg), dev, reps=25)
+            except Exception as exc:  # record and go on
+                log(f"attention B={b} S={s} {label}: failed {repr(exc)[:150]}")
+                continue
+            used_cfg = cfg or md.auto_config(b, 1, s)
+            hb = -(-heads // used_cfg.block_h)
+            splits = md.choose_num_splits(b, hb, s, used_cfg.block_n, 132 * used_cfg.ctas_per_sm, block_rows=used_cfg.block_h)
+            ROWS.append(dict(kind="attention", batch=b, context=s, variant=label, config=asdict(used_cfg), splits=splits, us=ms * 1e3,
+                             TBps=nbytes / (ms * 1e-3) / 1e12, fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw, rel_err=err))
+            log(f"attention B={b:5d} S={s:6d} {label:20s} splits={splits:2d} {ms * 1e3:8.1f} us "
+                f"{nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s ({nbytes / (ms * 1e-3) / copy_bw:5.1%}) err={err:.1e}")
+        del q_lat, q_rope, kv
+        D.free(dev)
+
+
+def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
+    from transformers import LlamaForCausalLM, StaticCache
+
+    from transmla_surgery.kernels import mla_decode as md
+
+    default, large = md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    prompt, new = (48, 4) if smoke else (8192, 128)
+    ctx = prompt + new
+    limit = (8 << 20) if smoke else 70 * D.GiB
+    rank, rope = (32, 8) if smoke else (512, 64)
+    for name in ("llama3-8b", "llama2-7b"):
+        cfg = D.llama_config(name, smoke)
+        model = D.build_on_device(LlamaForCausalLM, cfg, dev, dtype)
+        g, hd, layers = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.num_hidden_layers
+        for side in ("original", "mla"):
+            if side == "mla":
+                D.swap_in_mla(model, rank, rope, dev, dtype)
+            per_token = layers * (2 * g * hd if side == "original" else rank + rope) * 2
+            w_all = D.param_bytes(model, read_per_step=False)
+            batch = int((limit - w_all) // (ctx * per_token))
+            # (label, (default, large-work) configurations, fused RoPE)
+            variants = [("stock", None, True)] if side == "original" else [
+                ("auto", (default, large), True),
+                ("auto, formula rope", (default, large), False),
+                ("1/SM only", (default, default), True),
+            ]
+            for label, kcfg, fused in variants:
+                if kcfg is not None:
+                    md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG = kcfg
+                mla_mod.apply_rope = apply_rope if fused else (lambda q, k, c, s: (apply_rope_torch(q, c, s), apply_rope_torch(k, c, s)))
+                if side == "original":
+                    cache = StaticCache(config=cfg, max_cache_len=ctx)
+                    cache.early_initialization(batch, g, hd, dtype, dev)
+                else:
+                    cache = MLAStaticCache.for_model(model, batch, ctx)
+                for layer in cache.layers:
+                    layer.keys.normal_()
+                    layer.values.normal_()
+                t = D.time_decode(model, cache, batch, prompt, new, dev)
+                ROWS.append(dict(kind="e2e", model=name, side=side, variant=label, batch=batch, context=ctx,
+                                 configs=None if kcfg is None else [asdict(c) for c in kcfg], **t))
+                log(f"e2e {name} {side:8s} B={batch:4d} {label:24s} {t['tokens_per_s']:9.1f} tok/s {t['ms_per_step_mean']:7.2f} ms/step")
+                del cache
+                D.free(dev)
+        md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG, mla_mod.apply_rope = default, large, apply_rope
+        del model
+        D.free(dev)
+
+
+def table() -> str:
+    lines = []
+    for name in ("llama3-8b", "llama2-7b"):
+        rows = [r for r in ROWS if r["kind"] == "e2e" and r["model"] == name]
+        base = next((r for r in rows if r["side"] == "original"), None)
+        for r in rows:
+            ratio = "" if base is None or r is base else f"  {r['tokens_per_s'] / base['tokens_per_s']:5.2f}x"
+            lines.append(f"{name:9s} {r['side']:8s} {r['variant']:24s} B={r['batch']:4d} {r['ms_per_step_mean']:7.2f} ms {r['tokens_per_s']:9.1f} tok/s{ratio}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--sections", default="rope,bmm,attention,e2e")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type != "cuda" and not args.smoke:
+        raise SystemExit("decode_select.py times Triton kernels: it needs a CUDA GPU")
+    meta = dict(device=D.device_name(dev), torch=torch.__version__, command=" ".join(sys.argv))
+    log(str(meta))
+    copy_bw = D.measure_copy(dev, args.smoke)
+    meta["copy_GBps"] = copy_bw / 1e9
+    for section in args.sections.split(","):
+        {"rope": lambda: rope_section(dev, args.smoke), "bmm": lambda: bmm_section(dev, args.smoke), "attention": lambda: attention_section(dev, copy_bw, args.smoke),
+         "e2e": lambda: e2e_section(dev, copy_bw, args.smoke)}[section]()
+        (out / "decode_select.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
+    print("\n" + table(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
