@@ -347,6 +347,22 @@ def decode_step_fn(model: torch.nn.Module, cache: Any, batch: int) -> Callable[[
     return step
 
 
+def filled_cache(model: torch.nn.Module, cfg: Any, side: str, batch: int, ctx: int, dev: torch.device, dtype: torch.dtype) -> Any:
+    """A static cache of ``ctx`` positions for ``batch`` sequences, random contents (speed does not depend on
+    them): transformers' ``StaticCache`` for the ``"original"`` side, `MLAStaticCache` for the converted one."""
+    from transformers import StaticCache
+
+    if side == "original":
+        cache = StaticCache(config=cfg, max_cache_len=ctx)
+        cache.early_initialization(batch, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, dtype, dev)
+    else:
+        cache = MLAStaticCache.for_model(model, batch, ctx)
+    for layer in cache.layers:
+        layer.keys.normal_()
+        layer.values.normal_()
+    return cache
+
+
 def set_length(cache: Any, n: int) -> None:
     for layer in cache.layers:
         layer.cumulative_length.fill_(n)
@@ -576,7 +592,7 @@ def param_bytes(model: torch.nn.Module, *, read_per_step: bool) -> int:
 
 
 def e2e(dev: torch.device, copy_bw: float, smoke: bool, budget_s: float) -> None:
-    from transformers import LlamaForCausalLM, StaticCache
+    from transformers import LlamaForCausalLM
 
     from transmla_surgery.kernels import mla_decode as md  # its configurations are what the models launch with
 
@@ -609,17 +625,7 @@ def e2e(dev: torch.device, copy_bw: float, smoke: bool, budget_s: float) -> None
                         continue
                     # a forced configuration for every call, or the library's own choice
                     md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG = (kcfg, kcfg) if kcfg is not None else library_configs
-                    if side == "original":
-                        cache = StaticCache(config=cfg, max_cache_len=ctx)
-                        cache.early_initialization(batch, g, hd, dtype, dev)
-                        for layer in cache.layers:
-                            layer.keys.normal_()
-                            layer.values.normal_()
-                    else:
-                        cache = MLAStaticCache.for_model(model, batch, ctx)
-                        for layer in cache.layers:
-                            layer.keys.normal_()
-                            layer.values.normal_()
+                    cache = filled_cache(model, cfg, side, batch, ctx, dev, dtype)
                     try:
                         t = time_decode(model, cache, batch, prompt, new_tokens, dev)
                     except torch.OutOfMemoryError as exc:

@@ -25,7 +25,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode as D  # noqa: E402  (the harness: model shapes, random MLA swap, step function, cache)
 
-from transmla_surgery.cache import MLAStaticCache  # noqa: E402
 from transmla_surgery.kernels import mla_decode as md  # noqa: E402
 
 
@@ -62,7 +61,7 @@ def main() -> None:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if dev.type == "cpu":
         D.set_decode_backend("torch")
-    from transformers import LlamaForCausalLM, StaticCache
+    from transformers import LlamaForCausalLM
 
     cfg = D.llama_config("llama3-8b", args.smoke)
     prompt, new = (48, 4) if args.smoke else (8192, 128)
@@ -73,7 +72,6 @@ def main() -> None:
                     "prompt": prompt, "context": ctx, "sides": {}}
     lines = [f"device: {report['device']}   llama3-8b shape, context {ctx}, bf16"]
     model = D.build_on_device(LlamaForCausalLM, cfg, dev, dtype)
-    g, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     use_triton = dev.type == "cuda" and D.triton_available()
     default, large = md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG
     # each forced on every call: the one-block-per-SM default, the two-blocks-per-SM configuration the library
@@ -88,14 +86,7 @@ def main() -> None:
         for kcfg in configs:
             if kcfg is not None:
                 md.DEFAULT_CONFIG = md.LARGE_WORK_CONFIG = kcfg
-            if side == "original":
-                cache = StaticCache(config=cfg, max_cache_len=ctx)
-                cache.early_initialization(b, g, hd, dtype, dev)
-            else:
-                cache = MLAStaticCache.for_model(model, b, ctx)
-            for layer in cache.layers:
-                layer.keys.normal_()
-                layer.values.normal_()
+            cache = D.filled_cache(model, cfg, side, b, ctx, dev, dtype)
             t = D.time_decode(model, cache, b, prompt, new, dev)  # graph-replayed step (also warms up)
             step = D.decode_step_fn(model, cache, b)
             D.set_length(cache, prompt)

@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode as D  # noqa: E402  (harness: copy ceiling, timer, model shapes, step function)
 
 import transmla_surgery.mla_attention as mla_mod  # noqa: E402
-from transmla_surgery.cache import MLAStaticCache  # noqa: E402
 from transmla_surgery.kernels import apply_rope, decode_attention_reference  # noqa: E402
 from transmla_surgery.kernels.reference import apply_rope_torch  # noqa: E402
 
@@ -136,7 +135,7 @@ def attention_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
 
 
 def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
-    from transformers import LlamaForCausalLM, StaticCache
+    from transformers import LlamaForCausalLM
 
     from transmla_surgery.kernels import mla_decode as md
 
@@ -166,14 +165,7 @@ def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                 if kcfg is not None:
                     md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG = kcfg
                 mla_mod.apply_rope = apply_rope if fused else (lambda q, k, c, s: (apply_rope_torch(q, c, s), apply_rope_torch(k, c, s)))
-                if side == "original":
-                    cache = StaticCache(config=cfg, max_cache_len=ctx)
-                    cache.early_initialization(batch, g, hd, dtype, dev)
-                else:
-                    cache = MLAStaticCache.for_model(model, batch, ctx)
-                for layer in cache.layers:
-                    layer.keys.normal_()
-                    layer.values.normal_()
+                cache = D.filled_cache(model, cfg, side, batch, ctx, dev, dtype)
                 t = D.time_decode(model, cache, batch, prompt, new, dev)
                 ROWS.append(dict(kind="e2e", model=name, side=side, variant=label, batch=batch, context=ctx,
                                  configs=None if kcfg is None else [asdict(c) for c in kcfg], **t))
