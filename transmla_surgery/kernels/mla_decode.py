@@ -66,7 +66,6 @@ if triton is not None:
         pass
 
 LOG2E = 1.4426950408889634
-CPU_SLOTS = 132  # block slots per occupancy level assumed off the GPU (the interpreter): an H100/H200's SM count
 _OUT_OF_RESOURCES = getattr(getattr(getattr(triton, "runtime", None), "errors", None), "OutOfResources", RuntimeError)
 
 
@@ -90,9 +89,6 @@ class KernelConfig:
     # the end of the one before it in the stream. Ignored under the interpreter, on GPUs before sm_90 and on
     # ROCm. Resources are unchanged, so the out-of-resources fallback keeps it.
     pdl: bool = False
-    # Streamed schedule (batch ≤ slots only): one program per block slot, each an equal contiguous range of the
-    # batch's tiles, so at most the end of one row and the start of the next: no part-full last wave.
-    streamed: bool = False
 
 
 # Default launch parameters, from `bench/decode.py` on an H200 (bench/results/decode.md, runs 3 and 4): 64-token
@@ -131,23 +127,17 @@ def _stage1_fn(
     stride_lb,
     stride_ob, stride_om, stride_os,
     stride_lseb, stride_lsem,
-    S, T, H, M, split_len, sm_scale_log2, TILES_PER_ROW, TOTAL_TILES, NUM_PROGRAMS, NUM_ROWS,
+    S, T, H, M, split_len, sm_scale_log2,
     DL: tl.constexpr, DR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LEN: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr, SEGMENTS: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # off, nothing is emitted: the kernel compiles as without this block
         tl.extra.cuda.gdc_wait()  # the previous kernel has completed: its outputs (queries, cache) are visible
         tl.extra.cuda.gdc_launch_dependents()  # stage 2 may launch now; it waits for this grid to complete
     pid_h = tl.program_id(0)
-    if SEGMENTS == 1:  # split schedule: grid (head blocks, splits, batch)
-        pid_s = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-    else:  # streamed schedule: grid (head blocks, programs), program p owns tiles [t_begin, t_end) of the batch
-        pid = tl.program_id(1).to(tl.int64)
-        t_begin = pid * TOTAL_TILES // NUM_PROGRAMS
-        t_end = (pid + 1) * TOTAL_TILES // NUM_PROGRAMS
-        row_a = t_begin // TILES_PER_ROW
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
 
     rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < M
@@ -160,90 +150,68 @@ def _stage1_fn(
     h_row = rows - t_row * H
     ql_off = t_row * stride_qlt + h_row * stride_qlh  # rows address [token, head] through both strides: no copy
     qr_off = t_row * stride_qrt + h_row * stride_qrh
-    # Unrolled at compile time: one segment (the split schedule), or two in sequence (the streamed schedule: the
-    # end of one row, then the start of the next), each its own copy of the tile loop, none nested in another.
-    for seg in tl.static_range(SEGMENTS):
-        if SEGMENTS > 1:
-            if seg == 0:
-                b = row_a
-                first_tile = t_begin
-                last_tile = tl.minimum(t_end, (row_a + 1) * TILES_PER_ROW)
-            else:
-                b = tl.minimum(row_a + 1, NUM_ROWS - 1)
-                first_tile = (row_a + 1) * TILES_PER_ROW
-                last_tile = t_end
-            seg_ok = last_tile > first_tile
-            pid_s = pid - ((b * TILES_PER_ROW + 1) * NUM_PROGRAMS - 1) // TOTAL_TILES
-        q_l = tl.load(QL + b * stride_qlb + ql_off[:, None] + dl[None, :], mask=row_ok[:, None] & dl_ok[None, :], other=0.0)
-        q_r = tl.load(QR + b * stride_qrb + qr_off[:, None] + dr[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0)
+    q_l = tl.load(QL + b * stride_qlb + ql_off[:, None] + dl[None, :], mask=row_ok[:, None] & dl_ok[None, :], other=0.0)
+    q_r = tl.load(QR + b * stride_qrb + qr_off[:, None] + dr[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0)
 
-        kv_len = S
-        if HAS_LEN:
-            kv_len = tl.minimum(tl.load(Len + b * stride_lb).to(tl.int32), S)
-        if SEGMENTS == 1:
-            start = pid_s * split_len
-            end = tl.minimum(start + split_len, kv_len)
+    kv_len = S
+    if HAS_LEN:
+        kv_len = tl.minimum(tl.load(Len + b * stride_lb).to(tl.int32), S)
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, kv_len)
+    # causal limit of each row without a mask: row of token t sees s < kv_len - T + t + 1
+    row_limit = kv_len - T + t_row + 1
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DL], tl.float32)
+    c_base = C + b * stride_cb
+    r_base = KR + b * stride_rb
+    for s0 in range(start, end, BLOCK_N):
+        offs = s0 + tl.arange(0, BLOCK_N)
+        s_ok = offs < end
+        c = tl.load(c_base + offs[:, None] * stride_cs + dl[None, :], mask=s_ok[:, None] & dl_ok[None, :], other=0.0)
+        kr = tl.load(r_base + offs[:, None] * stride_rs + dr[None, :], mask=s_ok[:, None] & dr_ok[None, :], other=0.0)
+        if IEEE:
+            qk = tl.dot(q_l, tl.trans(c), input_precision="ieee")
+            qk = tl.dot(q_r, tl.trans(kr), acc=qk, input_precision="ieee")
         else:
-            start = (first_tile - b * TILES_PER_ROW).to(tl.int32) * BLOCK_N
-            end = tl.minimum((last_tile - b * TILES_PER_ROW).to(tl.int32) * BLOCK_N, kv_len)
-        # causal limit of each row without a mask: row of token t sees s < kv_len - T + t + 1
-        row_limit = kv_len - T + t_row + 1
+            qk = tl.dot(q_l, tl.trans(c))
+            qk = tl.dot(q_r, tl.trans(kr), acc=qk)
+        qk = qk * sm_scale_log2
+        valid = s_ok[None, :] & row_ok[:, None]
+        if MASK_MODE == 0:
+            valid = valid & (offs[None, :] < row_limit[:, None])
+        elif MASK_MODE == 1:
+            mv = tl.load(
+                Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
+                mask=row_ok[:, None] & s_ok[None, :], other=0,
+            )
+            valid = valid & (mv != 0)
+        else:
+            bias = tl.load(
+                Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
+                mask=row_ok[:, None] & s_ok[None, :], other=0.0,
+            )
+            # clamp first: the dtype's most negative value times log2(e) would overflow float32
+            qk = qk + tl.maximum(bias.to(tl.float32), -1.0e30) * 1.4426950408889634
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: keep exp2 finite
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None])
+        m_i = m_new
 
-        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_DL], tl.float32)
-        c_base = C + b * stride_cb
-        r_base = KR + b * stride_rb
-        for s0 in range(start, end, BLOCK_N):
-            offs = s0 + tl.arange(0, BLOCK_N)
-            s_ok = offs < end
-            c = tl.load(c_base + offs[:, None] * stride_cs + dl[None, :], mask=s_ok[:, None] & dl_ok[None, :], other=0.0)
-            kr = tl.load(r_base + offs[:, None] * stride_rs + dr[None, :], mask=s_ok[:, None] & dr_ok[None, :], other=0.0)
-            if IEEE:
-                qk = tl.dot(q_l, tl.trans(c), input_precision="ieee")
-                qk = tl.dot(q_r, tl.trans(kr), acc=qk, input_precision="ieee")
-            else:
-                qk = tl.dot(q_l, tl.trans(c))
-                qk = tl.dot(q_r, tl.trans(kr), acc=qk)
-            qk = qk * sm_scale_log2
-            valid = s_ok[None, :] & row_ok[:, None]
-            if MASK_MODE == 0:
-                valid = valid & (offs[None, :] < row_limit[:, None])
-            elif MASK_MODE == 1:
-                mv = tl.load(
-                    Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
-                    mask=row_ok[:, None] & s_ok[None, :], other=0,
-                )
-                valid = valid & (mv != 0)
-            else:
-                bias = tl.load(
-                    Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
-                    mask=row_ok[:, None] & s_ok[None, :], other=0.0,
-                )
-                # clamp first: the dtype's most negative value times log2(e) would overflow float32
-                qk = qk + tl.maximum(bias.to(tl.float32), -1.0e30) * 1.4426950408889634
-            qk = tl.where(valid, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: keep exp2 finite
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None])
-            m_i = m_new
-
-        has = l_i > 0.0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        o_ptr = O_part + b * stride_ob + rows[:, None] * stride_om + pid_s * stride_os + dl[None, :]
-        if SEGMENTS == 1:
-            tl.store(o_ptr, out.to(O_part.dtype.element_ty), mask=row_ok[:, None] & dl_ok[None, :])
-            tl.store(Lse + b * stride_lseb + rows * stride_lsem + pid_s, lse, mask=row_ok)
-        else:  # an empty second segment (the range ended with a row) writes nothing
-            tl.store(o_ptr, out.to(O_part.dtype.element_ty), mask=row_ok[:, None] & dl_ok[None, :] & seg_ok)
-            tl.store(Lse + b * stride_lseb + rows * stride_lsem + pid_s, lse, mask=row_ok & seg_ok)
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    o_ptr = O_part + b * stride_ob + rows[:, None] * stride_om + pid_s * stride_os + dl[None, :]
+    tl.store(o_ptr, out.to(O_part.dtype.element_ty), mask=row_ok[:, None] & dl_ok[None, :])
+    tl.store(Lse + b * stride_lseb + rows * stride_lsem + pid_s, lse, mask=row_ok)
 
 
 def _stage2_fn(
@@ -251,9 +219,9 @@ def _stage2_fn(
     stride_ob, stride_om, stride_os,
     stride_lseb, stride_lsem,
     stride_outb, stride_outt, stride_outh,
-    NUM_SPLITS, H, TILES_PER_ROW, TOTAL_TILES, NUM_PROGRAMS,
+    NUM_SPLITS, H,
     DL: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
-    PDL: tl.constexpr, STREAMED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One query row: ``out = Σ_j 2^(lse_j - max) · O_j / Σ_j 2^(lse_j - max)`` over its ``NUM_SPLITS`` partials
     (``BLOCK_S``: the split count rounded up to a power of two; ``CHUNK_S = min(BLOCK_S, 16)`` splits per step).
@@ -264,10 +232,6 @@ def _stage2_fn(
     m = tl.program_id(0).to(tl.int64)
     t_row = m // H
     b = tl.program_id(1).to(tl.int64)
-    if STREAMED:  # this row's partials: one per program its tiles fell to (stage 1's streamed schedule)
-        first = ((b * TILES_PER_ROW + 1) * NUM_PROGRAMS - 1) // TOTAL_TILES
-        last = (((b + 1) * TILES_PER_ROW) * NUM_PROGRAMS - 1) // TOTAL_TILES
-        NUM_SPLITS = (last - first + 1).to(tl.int32)
     lse_row = Lse + b * stride_lseb + m * stride_lsem
     # pass 1: the row's largest log-sum-exp, all splits in one load
     sp = tl.arange(0, BLOCK_S)
@@ -414,23 +378,14 @@ def decode_attention_triton(
     interpret = _interpreting()
     block_h = max(16, min(cfg.block_h, triton.next_power_of_2(m_rows)))
     head_blocks = triton.cdiv(m_rows, block_h)
-    slots = (_sm_count(latent.device.index or 0) if latent.is_cuda else CPU_SLOTS) * cfg.ctas_per_sm
-    tiles_per_row = triton.cdiv(s, cfg.block_n)
-    total_tiles, programs = b * tiles_per_row, slots // head_blocks
-    # streamed: every program at least one tile, at most two rows (programs >= batch)
-    streamed = cfg.streamed and num_splits is None and b <= programs < total_tiles
-    if streamed:
-        split_len = cfg.block_n  # unused by this schedule
-        num_splits = triton.cdiv(programs, b) + 1  # the most programs one row's tiles can fall to
-    else:
-        total_tiles = programs = 1  # unused by the split schedule
-        if num_splits is None:
-            num_splits = choose_num_splits(
-                b, head_blocks, s, cfg.block_n, slots, block_rows=block_h, latent_dim=r, rope_dim=dr,
-                elem_bytes=latent.element_size(),
-            )
-        split_len = triton.cdiv(triton.cdiv(s, num_splits), cfg.block_n) * cfg.block_n
-        num_splits = max(1, triton.cdiv(s, split_len))
+    if num_splits is None:
+        slots = (_sm_count(latent.device.index or 0) if latent.is_cuda else 132) * cfg.ctas_per_sm
+        num_splits = choose_num_splits(
+            b, head_blocks, s, cfg.block_n, slots, block_rows=block_h, latent_dim=r, rope_dim=dr,
+            elem_bytes=latent.element_size(),
+        )
+    split_len = triton.cdiv(triton.cdiv(s, num_splits), cfg.block_n) * cfg.block_n
+    num_splits = max(1, triton.cdiv(s, split_len))
 
     o_part = torch.empty(b, m_rows, num_splits, r, device=ql.device, dtype=torch.float32)
     lse = torch.empty(b, m_rows, num_splits, device=ql.device, dtype=torch.float32)
@@ -460,7 +415,7 @@ def decode_attention_triton(
     pdl = bool(cfg.pdl) and not interpret and latent.is_cuda and _pdl_capable(latent.device.index or 0)
     launch_kw = {"launch_pdl": True} if pdl else {}
     try:
-        stage1[(head_blocks, programs) if streamed else (head_blocks, num_splits, b)](
+        stage1[(head_blocks, num_splits, b)](
             ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
             ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
             latent.stride(0), latent.stride(1),
@@ -469,10 +424,10 @@ def decode_attention_triton(
             len_stride,
             o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse.stride(0), lse.stride(1),
-            s, t, h, m_rows, split_len, scale * LOG2E, tiles_per_row, total_tiles, programs, b,
+            s, t, h, m_rows, split_len, scale * LOG2E,
             DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
             BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
-            IEEE=dtype == torch.float32, PDL=pdl, SEGMENTS=2 if streamed else 1,
+            IEEE=dtype == torch.float32, PDL=pdl,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kw,
         )
     except _OUT_OF_RESOURCES:
@@ -490,9 +445,9 @@ def decode_attention_triton(
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        num_splits, h, tiles_per_row, total_tiles, programs,
+        num_splits, h,
         DL=r, BLOCK_DL=triton.next_power_of_2(r), BLOCK_S=block_s, CHUNK_S=min(block_s, 16), PDL=pdl,
-        STREAMED=streamed, num_warps=4, **launch_kw,
+        num_warps=4, **launch_kw,
     )
     return out
 
