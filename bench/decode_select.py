@@ -17,7 +17,8 @@ Earlier versions of this script measured what the library now does and what it r
 (bench/results/decode.md, run 6): ``decode_select.run1.json`` (explicit split counts for both configurations, the
 fused RoPE and the per-head products), ``decode_select.run2.json`` (low-precision partials and 16-row head
 blocks), ``decode_select.run3.json`` (a balanced one-program-per-slot schedule), ``decode_select.run4.json``
-(lazy rescaling of the running output): all the rejected ones slower.
+(lazy rescaling of the running output), ``decode_select.run5.json`` (the balanced ranges as two tile loops in
+sequence): all the rejected ones slower.
 Prints a short table last. ``--smoke`` runs tiny shapes on any device.
 """
 

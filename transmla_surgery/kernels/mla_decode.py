@@ -100,8 +100,8 @@ class KernelConfig:
 # lost 4%. Slower on the H200 and removed again: tensor-descriptor (TMA) loads and a 64-row padded block for
 # warpgroup MMA (commit 4bed150 has them), the token-major variant, and a balanced one-program-per-SM schedule
 # (commit 1980ec3; why in decode.md, run 4), a Gluon warpgroup-MMA stage 1, 16-bit partials and 32- or 16-token
-# tiles at two blocks per SM (commit 65d8ae3; decode.md, run 5); in run 6 a balanced schedule again, 16-bit
-# partials again, 16-row head blocks and lazy rescaling of the running output. PDL (run 5): 2-5% at batch
+# tiles at two blocks per SM (commit 65d8ae3; decode.md, run 5); in run 6 balanced schedules twice more (commit
+# d01b5ae has the second), 16-bit partials again, 16-row head blocks and lazy rescaling of the running output. PDL (run 5): 2-5% at batch
 # <= 16, neutral above and end to end. GPUs with less shared memory fall back to two stages, then to `SAFE_CONFIG`.
 DEFAULT_CONFIG = KernelConfig(num_stages=3, pdl=True)
 # For large calls: two blocks per multiprocessor, two stages each (112 KiB of shared memory and 255 registers per
