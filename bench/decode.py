@@ -242,6 +242,9 @@ def check_kernel(dev: torch.device) -> None:
         (3, 1, 32, 1000, torch.bfloat16, "bool", True),
         (2, 2, 16, 777, torch.float32, "float", False),
         (1, 1, 128, 2048, torch.float16, "bool", False),
+        # long enough for the streamed schedule of the large-call configuration (more tiles than block slots)
+        (5, 1, 32, 9000, torch.bfloat16, None, False),
+        (3, 2, 32, 12000, torch.float16, "bool", True),
     ]
     for b, t, h, s, dtype, mask_kind, bounded in cases:
         q_lat = torch.randn(b, t, h, 512, generator=g).to(dev, dtype)
@@ -452,11 +455,12 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         # programmatic dependent launch (`pdl`, the default since). Run 5b (`decode.run5b.log`) lost again with
         # 16-bit partials (+28% at batch 16 x 8K) and with 32- or 16-token tiles at two blocks per multiprocessor
         # (+17%, +72%). Run 6 made the choice per call (`mla_decode.auto_config`: two blocks per SM for large
-        # calls) and rejected a balanced schedule again, low-precision partials again and 16-row head blocks
-        # (`decode_select.run*.json`). The sweep: the two configurations the library chooses between, the
-        # default without PDL and with 8 warps.
-        sweep = [md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG, replace(md.DEFAULT_CONFIG, pdl=False),
-                 replace(md.DEFAULT_CONFIG, num_warps=8)]
+        # calls, on the streamed schedule: equal tiles per block slot from a segment table) and rejected
+        # low-precision partials again, 16-row head blocks, lazy rescaling and two balanced schedules computed in
+        # the kernel (`decode_select.run*.json`). The sweep: the two configurations the library chooses between,
+        # the large-call one on the split schedule, the default without PDL and with 8 warps.
+        sweep = [md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG, replace(md.LARGE_WORK_CONFIG, streamed=False),
+                 replace(md.DEFAULT_CONFIG, pdl=False), replace(md.DEFAULT_CONFIG, num_warps=8)]
     for s in contexts:
         for b in batches:
             mla_bytes = b * s * (r + dr) * 2 + b * heads * (r + dr) * 2 + b * heads * r * 2

@@ -7,18 +7,20 @@
    equality in bf16 and time per call (back-to-back CUDA-graph replays, `decode.time_graph`).
    ``bmm``: the per-head up-projections around the kernel, as the library writes them and one alternative.
 2. ``attention``: the attention call alone at the shapes the end-to-end benchmark runs (its batches at 1K-16K
-   prompts) and at the attention goal's shapes: the library's automatic choice (`mla_decode.auto_config`) and
-   the two configurations it chooses between, the one-block-per-SM default (three stages) and the
-   two-blocks-per-SM two-stage `LARGE_WORK_CONFIG`.
-3. ``e2e``: Llama-3-8B and Llama-2-7B shapes at 8K, original against converted: the automatic choice with the
-   fused RoPE and with PyTorch's formula, and the default configuration only (`decode.time_decode`, the same
+   prompts) and at the attention goal's shapes: the library's automatic choice (`mla_decode.auto_config`), the
+   two configurations it chooses between (the one-block-per-SM three-stage default, the two-blocks-per-SM
+   two-stage `LARGE_WORK_CONFIG` on the streamed schedule), the latter on the split schedule and the former on
+   the streamed one.
+3. ``e2e``: Llama-3-8B and Llama-2-7B shapes at 8K, original against converted: the automatic choice, the same
+   with the split schedule for large calls, and the default configuration only (`decode.time_decode`, the same
    harness as decode.py).
 Earlier versions of this script measured what the library now does and what it rejected, each on a fresh H200
 (bench/results/decode.md, run 6): ``decode_select.run1.json`` (explicit split counts for both configurations, the
 fused RoPE and the per-head products), ``decode_select.run2.json`` (low-precision partials and 16-row head
-blocks), ``decode_select.run3.json`` (a balanced one-program-per-slot schedule), ``decode_select.run4.json``
-(lazy rescaling of the running output), ``decode_select.run5.json`` (the balanced ranges as two tile loops in
-sequence): all the rejected ones slower.
+blocks), ``decode_select.run3.json`` (a balanced schedule computing its ranges in the kernel, one loop nested in
+another), ``decode_select.run4.json`` (lazy rescaling of the running output), ``decode_select.run5.json`` (the
+balanced ranges as two tile loops in sequence): all these slower; ``decode_select.run6.json`` (the streamed
+schedule from a segment table, now the library's for large calls).
 Prints a short table last. ``--smoke`` runs tiny shapes on any device.
 """
 
@@ -28,7 +30,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -101,7 +103,8 @@ def attention_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     one = md.DEFAULT_CONFIG
     two = md.LARGE_WORK_CONFIG
     # the library's automatic choice (`config=None`) and the two configurations it chooses between
-    variants = [("auto", None), ("1/SM", one), ("2/SM", two)]
+    variants = [("auto", None), ("1/SM", one), ("2/SM", two), ("2/SM split", replace(two, streamed=False)),
+                ("1/SM streamed", replace(one, streamed=True))]
     # (batch, context): decode.py's end-to-end shapes (largest batch in 70 GiB, prompt + 128) and the goal's shapes
     shapes = [(2, 256), (4, 512)] if smoke else [
         (16, 8192), (64, 8192), (16, 32768), (64, 32768),
@@ -159,7 +162,7 @@ def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             # (label, (default, large-work) configurations, fused RoPE)
             variants = [("stock", None, True)] if side == "original" else [
                 ("auto", (default, large), True),
-                ("auto, formula rope", (default, large), False),
+                ("auto, 2/SM split", (default, replace(large, streamed=False)), True),
                 ("1/SM only", (default, default), True),
             ]
             for label, kcfg, fused in variants:

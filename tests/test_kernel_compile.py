@@ -35,6 +35,10 @@ def _compile_all() -> dict:
         consts = {"PDL": False, **consts}
         fn = kernel.fn
         names = list(inspect.signature(fn).parameters)
+        for flag in ("TABLE", "COUNTS"):  # the split schedule unless asked
+            if flag in names:
+                consts.setdefault(flag, False)
+        ptrs = {"Segments": "*i32", "Counts": "*i32", **ptrs}
         sig = {}
         for n in names:
             if n in consts:
@@ -71,6 +75,17 @@ def _compile_all() -> dict:
             out[f"stage2 {dtype} splits={block_s}"] = build(
                 stage2, dict(DL=512, BLOCK_DL=512, BLOCK_S=block_s, CHUNK_S=min(block_s, 16)),
                 dict(O_part="*fp32", Lse="*fp32", Out=f"*{dtype}"), 3)
+
+    # the streamed schedule: segment bounds read from a table, as the two-blocks-per-SM configuration launches it,
+    # and the merge reading each row's number of partials
+    for mask_mode, has_len in ((0, False), (1, True)):
+        consts = dict(DL=512, DR=64, BLOCK_DL=512, BLOCK_DR=64, BLOCK_H=32, BLOCK_N=64, MASK_MODE=mask_mode,
+                      HAS_LEN=has_len, IEEE=False, TABLE=True)
+        ptrs = dict(QL="*bf16", QR="*bf16", C="*bf16", KR="*bf16", Mask="*u8" if mask_mode == 1 else "*bf16",
+                    Len="*i64", O_part="*fp32", Lse="*fp32")
+        out[f"streamed stage1 bf16 stages=2 mask={mask_mode} len={has_len}"] = build(stage1, consts, ptrs, 2)
+    out["streamed stage2 bf16 splits=4"] = build(stage2, dict(DL=512, BLOCK_DL=512, BLOCK_S=4, CHUNK_S=4, COUNTS=True),
+                                                 dict(O_part="*fp32", Lse="*fp32", Out="*bf16"), 3)
 
     # programmatic dependent launch: the `griddepcontrol` instructions appear only with PDL=True
     consts = dict(DL=512, DR=64, BLOCK_DL=512, BLOCK_DR=64, BLOCK_H=32, BLOCK_N=64, MASK_MODE=0, HAS_LEN=True,
@@ -135,6 +150,11 @@ def test_the_cache_loop_is_software_pipelined(compiled):
         three = compiled[f"stage1 {dtype} stages=3 mask=0 len=True"]
         assert two["cp_async"] > 0 and three["cp_async"] > 0
         assert three["shared"] > two["shared"]
+    # the streamed schedule's tile loop is pipelined the same way, in the same shared memory
+    for mask in (0, 1):
+        key = next(k for k in compiled if k.startswith(f"streamed stage1 bf16 stages=2 mask={mask}"))
+        split = compiled[f"stage1 bf16 stages=2 mask={mask} len=True"]
+        assert compiled[key]["cp_async"] == split["cp_async"] > 0 and compiled[key]["shared"] == split["shared"], key
 
 
 if __name__ == "__main__":

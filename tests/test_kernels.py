@@ -418,6 +418,7 @@ def test_large_calls_take_the_two_blocks_per_sm_configuration(monkeypatch):
     assert md.auto_config(191, 1, 8320) is md.LARGE_WORK_CONFIG  # Llama-3-8B shape at 8K, its largest batch
     assert md.auto_config(64, 1, 32768) is md.LARGE_WORK_CONFIG
     assert md.LARGE_WORK_CONFIG.ctas_per_sm == 2 and md.DEFAULT_CONFIG.ctas_per_sm == 1
+    assert md.LARGE_WORK_CONFIG.streamed and not md.DEFAULT_CONFIG.streamed
 
     small, large = KernelConfig(block_n=16, block_h=16, num_stages=1), KernelConfig(block_n=16, block_h=16, num_stages=2, ctas_per_sm=2)
     monkeypatch.setattr(md, "DEFAULT_CONFIG", small)
@@ -433,3 +434,81 @@ def test_large_calls_take_the_two_blocks_per_sm_configuration(monkeypatch):
     assert stage1 == [((1, splits[0], 3), 1), ((1, splits[1], 6), 2)]
     for out, ref in outs:
         assert _err(out, ref) < TOL[torch.float32]
+
+
+# ------------------------------------------------------------------------------------------------ streamed schedule
+STREAMED = KernelConfig(block_n=16, block_h=16, num_warps=4, num_stages=2, streamed=True)
+
+
+def test_streamed_segments_cover_every_tile_once_in_equal_ranges():
+    """The segment table: every tile of every row exactly once, split indices 0..count-1 per row, at most two
+    segments per block slot (its range) and the second segments longest first."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    for batch, tiles, programs in ((3, 7, 3), (3, 7, 4), (3, 7, 20), (191, 130, 264), (64, 512, 264), (5, 1, 5)):
+        if not batch <= programs < batch * tiles:
+            continue
+        table, counts, most = md._build_segments(batch, tiles, programs, torch.device("cpu"))
+        seen = torch.zeros(batch, tiles, dtype=torch.int64)
+        splits = [set() for _ in range(batch)]
+        for row, t0, t1, split in table.tolist():
+            assert 0 <= t0 < t1 <= tiles
+            seen[row, t0:t1] += 1
+            splits[row].add(split)
+        assert torch.equal(seen, torch.ones_like(seen))
+        assert [sorted(s_) for s_ in splits] == [list(range(c)) for c in counts.tolist()] and most == int(counts.max())
+        lengths = (table[:, 2] - table[:, 1]).tolist()
+        assert len(table) <= 2 * programs and max(lengths[:programs]) <= -(-batch * tiles // programs)
+        assert lengths[programs:] == sorted(lengths[programs:], reverse=True)
+
+
+@in_process
+@pytest.mark.parametrize("slots", [3, 4, 7, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_streamed_schedule_matches_the_reference(slots, dtype, monkeypatch):
+    """3 rows of 7 tiles over 3 block slots (each exactly a row), 4 and 7 (ranges holding the end of one row and
+    the start of the next), 20 (one or two tiles each)."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    launches = _spy_launches(monkeypatch)
+    monkeypatch.setattr(md, "CPU_SLOTS", slots)
+    q_lat, q_rope, lat, kr, _ = _inputs(3, 1, 4, 32, 16, 7 * 16 - 5, dtype)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.15, config=STREAMED)
+    assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.15)) < TOL[dtype]
+    table, _, _ = md._streamed_segments(3, 7, slots, torch.device(DEVICE))
+    assert launches[0][1] == (1, table.shape[0]) and launches[0][2]["TABLE"] and launches[1][2]["COUNTS"]
+
+
+@in_process
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_streamed_schedule_with_masks_lengths_and_several_tokens(kind, monkeypatch):
+    """Padding masks, per-row lengths ending inside another slot's range, a row shorter than one range, two
+    query tokens per row (causal)."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    monkeypatch.setattr(md, "CPU_SLOTS", 6)
+    b, t, s = 4, 2, 70
+    q_lat, q_rope, lat, kr, _ = _inputs(b, t, 3, 32, 16, s, torch.float32, seed=3)
+    lengths = torch.tensor([70, 9, 33, 1])
+    keep = (torch.arange(s)[None, :] < lengths[:, None])[:, None, :].expand(b, t, s).clone()
+    keep[torch.arange(b), 0, lengths - 1] = False  # causal: the first of the two new tokens does not see the last
+    keep[3] = False  # a row with no key at all
+    mask = keep if kind == "bool" else torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.2, mask.to(DEVICE), lengths.to(DEVICE), config=STREAMED)
+    ref = _ref(q_lat, q_rope, lat, kr, 0.2, mask)
+    assert _err(out[:3], ref[:3]) < TOL[torch.float32]
+    if kind == "bool":  # no key at all: zeros
+        assert torch.count_nonzero(out[3]) == 0
+
+
+@in_process
+def test_streamed_schedule_falls_back_to_splits_when_rows_outnumber_slots(monkeypatch):
+    """More rows than block slots (a range would span three rows or more): the split schedule, same result."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    launches = _spy_launches(monkeypatch)
+    monkeypatch.setattr(md, "CPU_SLOTS", 2)
+    q_lat, q_rope, lat, kr, _ = _inputs(3, 1, 4, 32, 16, 40, torch.float32)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.15, config=STREAMED)
+    assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.15)) < TOL[torch.float32]
+    assert not launches[0][2]["TABLE"] and len(launches[0][1]) == 3

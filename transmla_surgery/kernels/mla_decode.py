@@ -24,8 +24,14 @@ of head-major storage (``[H, B, T, r]``), the layout the per-head up-projection 
 
 The launch configuration is chosen per call (`auto_config`): one block of 4 warps per multiprocessor with a
 three-stage tile pipeline (`DEFAULT_CONFIG`), or for calls with much to read two such blocks per multiprocessor
-with two stages each (`LARGE_WORK_CONFIG`). The number of splits is chosen so that ``batch × head blocks ×
-splits`` programs fill the GPU's block slots in whole waves (`choose_num_splits`). Masks: none (causal, aligned at the end, as the reference), bool
+with two stages each, on the streamed schedule (`LARGE_WORK_CONFIG`). Split schedule: the number of splits is
+chosen so that ``batch × head blocks × splits`` programs fill the GPU's block slots in whole waves
+(`choose_num_splits`). Streamed schedule (``KernelConfig.streamed``, when the batch does not outnumber the block
+slots): the batch's tiles, row after row, are cut into one equal range per block slot, and each range into its
+one or two row segments; stage 1 takes its segments' bounds from a table (`_streamed_segments`, built once per
+shape), so its tile loop compiles exactly as the split schedule's, and stage 2 reads each row's number of
+partials. (Computing the ranges inside the kernel instead, as two tile loops in sequence or one nested in a loop
+over segments, compiled to slower code: decode.md, run 6.) Masks: none (causal, aligned at the end, as the reference), bool
 (True = attend, read as bytes) or additive float, each ``[B or 1, T, S]`` with any strides. An optional
 per-batch (or scalar) length tensor bounds the tokens read (a static cache's filled length: positions past it
 are masked anyway), without a host sync, so the launch can be captured in a CUDA graph. A row whose every key
@@ -66,6 +72,7 @@ if triton is not None:
         pass
 
 LOG2E = 1.4426950408889634
+CPU_SLOTS = 132  # block slots per occupancy level assumed off the GPU (the interpreter): an H100/H200's SM count
 _OUT_OF_RESOURCES = getattr(getattr(getattr(triton, "runtime", None), "errors", None), "OutOfResources", RuntimeError)
 
 
@@ -89,6 +96,11 @@ class KernelConfig:
     # the end of the one before it in the stream. Ignored under the interpreter, on GPUs before sm_90 and on
     # ROCm. Resources are unchanged, so the out-of-resources fallback keeps it.
     pdl: bool = False
+    # Streamed schedule (when batch <= block slots): the batch's tiles cut into one equal contiguous range per
+    # block slot; a range holding the end of one row and the start of the next is two segments, each one
+    # program of a table (`streamed_segments`), the second segments ordered longest first so that they go to
+    # the slots whose first segment was shortest. No part-full last wave.
+    streamed: bool = False
 
 
 # Default launch parameters, from `bench/decode.py` on an H200 (bench/results/decode.md, runs 3 and 4): 64-token
@@ -105,13 +117,14 @@ class KernelConfig:
 # <= 16, neutral above and end to end. GPUs with less shared memory fall back to two stages, then to `SAFE_CONFIG`.
 DEFAULT_CONFIG = KernelConfig(num_stages=3, pdl=True)
 # For large calls: two blocks per multiprocessor, two stages each (112 KiB of shared memory and 255 registers per
-# thread: two blocks just fit). Two independent tile streams per SM hide each other's latencies and stream at
-# 4.3-4.4 TB/s on the H200 against 3.7-3.9 for the default, but a call costs more fixed time (twice the programs,
-# twice the partials to merge), so it wins only where there is much to stream. On an H200 (bench/results/
-# decode_select.run*.json): 1-9% faster at ~24.8K tiles per call and more (the end-to-end batches 191-1381 at 1K-16K
-# prompts, batch 64 × 32K), 3-4% slower at 8K tiles (batch 64 × 8K, batch 16 × 32K), 17% slower at 2K (batch
-# 16 × 8K); end to end 2-5% more tokens per second at 8K (decode.md, run 6).
-LARGE_WORK_CONFIG = KernelConfig(num_stages=2, ctas_per_sm=2, pdl=True)
+# thread: two blocks just fit), on the streamed schedule. Two independent tile streams per SM hide each other's
+# latencies and stream at 4.3-4.4 TB/s on the H200 against 3.7-3.9 for the default, but a call costs more fixed
+# time (twice the programs and partials), so they win only where there is much to read; the streamed schedule
+# gives every block slot the same number of tiles, so no last wave runs part-full. On an H200 (bench/results/
+# decode_select.run6.json): batch 191 × 8320 465.7 µs against 516.8 for the default (93.6% of the copy
+# bandwidth), 96 × 16512 449.1 against 519.3, 205 × 8320 498.3 against 593.3, 64 × 32K 584.5 against 651.4;
+# 16 × 32K (8K tiles) 171.0 against 176.7, 64 × 8K (8K tiles) even, 16 × 8K (2K tiles) 19% slower.
+LARGE_WORK_CONFIG = KernelConfig(num_stages=2, ctas_per_sm=2, pdl=True, streamed=True)
 LARGE_WORK_TILES = 16384  # tiles per call (batch × head blocks × ceil(S / block_n)) from which it is chosen
 # Small tiles that fit any supported GPU: the fallback when a launch runs out of shared memory or registers
 # (with the failing configuration's `pdl`, which costs no resources).
@@ -127,17 +140,22 @@ def _stage1_fn(
     stride_lb,
     stride_ob, stride_om, stride_os,
     stride_lseb, stride_lsem,
-    S, T, H, M, split_len, sm_scale_log2,
+    S, T, H, M, split_len, sm_scale_log2, Segments,
     DL: tl.constexpr, DR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LEN: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr, TABLE: tl.constexpr,
 ):
     if PDL:  # off, nothing is emitted: the kernel compiles as without this block
         tl.extra.cuda.gdc_wait()  # the previous kernel has completed: its outputs (queries, cache) are visible
         tl.extra.cuda.gdc_launch_dependents()  # stage 2 may launch now; it waits for this grid to complete
     pid_h = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    if TABLE:  # streamed schedule: program i takes segment i = (row, first tile, end tile, split) of a table
+        seg = Segments + tl.program_id(1) * 4
+        b = tl.load(seg).to(tl.int64)
+        pid_s = tl.load(seg + 3)
+    else:  # split schedule: grid (head blocks, splits, batch)
+        pid_s = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
 
     rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < M
@@ -156,8 +174,12 @@ def _stage1_fn(
     kv_len = S
     if HAS_LEN:
         kv_len = tl.minimum(tl.load(Len + b * stride_lb).to(tl.int32), S)
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, kv_len)
+    if TABLE:
+        start = tl.load(seg + 1) * BLOCK_N
+        end = tl.minimum(tl.load(seg + 2) * BLOCK_N, kv_len)
+    else:
+        start = pid_s * split_len
+        end = tl.minimum(start + split_len, kv_len)
     # causal limit of each row without a mask: row of token t sees s < kv_len - T + t + 1
     row_limit = kv_len - T + t_row + 1
 
@@ -215,13 +237,13 @@ def _stage1_fn(
 
 
 def _stage2_fn(
-    O_part, Lse, Out,
+    O_part, Lse, Out, Counts,
     stride_ob, stride_om, stride_os,
     stride_lseb, stride_lsem,
     stride_outb, stride_outt, stride_outh,
     NUM_SPLITS, H,
     DL: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, COUNTS: tl.constexpr,
 ):
     """One query row: ``out = Σ_j 2^(lse_j - max) · O_j / Σ_j 2^(lse_j - max)`` over its ``NUM_SPLITS`` partials
     (``BLOCK_S``: the split count rounded up to a power of two; ``CHUNK_S = min(BLOCK_S, 16)`` splits per step).
@@ -232,6 +254,8 @@ def _stage2_fn(
     m = tl.program_id(0).to(tl.int64)
     t_row = m // H
     b = tl.program_id(1).to(tl.int64)
+    if COUNTS:  # the streamed schedule: rows have different numbers of partials
+        NUM_SPLITS = tl.load(Counts + b)
     lse_row = Lse + b * stride_lseb + m * stride_lsem
     # pass 1: the row's largest log-sum-exp, all splits in one load
     sp = tl.arange(0, BLOCK_S)
@@ -329,6 +353,39 @@ def choose_num_splits(
     return best
 
 
+_SEGMENT_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _streamed_segments(batch: int, tiles_per_row: int, programs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The streamed schedule's segment table ``[n, 4]`` int32 (row, first tile, end tile, split index in the row),
+    each row's number of splits ``[batch]`` int32, and the largest of them; built once per shape and device.
+    Needs ``batch <= programs < batch · tiles_per_row`` (every range non-empty and within two rows)."""
+    key = (batch, tiles_per_row, programs, device)
+    if key not in _SEGMENT_TABLES:
+        if len(_SEGMENT_TABLES) >= 64:  # a growing dynamic cache makes a new shape every 64 tokens
+            _SEGMENT_TABLES.clear()
+        _SEGMENT_TABLES[key] = _build_segments(batch, tiles_per_row, programs, device)
+    return _SEGMENT_TABLES[key]
+
+
+def _build_segments(batch: int, tiles_per_row: int, programs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    total = batch * tiles_per_row
+    first, second, count = [], [], [0] * batch
+    for p in range(programs):
+        t0, t1 = p * total // programs, (p + 1) * total // programs
+        row = t0 // tiles_per_row
+        cut = min(t1, (row + 1) * tiles_per_row)
+        first.append((row, t0 - row * tiles_per_row, cut - row * tiles_per_row, count[row]))
+        count[row] += 1
+        if t1 > cut:  # the range goes on into the next row
+            second.append((row + 1, 0, t1 - cut, count[row + 1]))
+            count[row + 1] += 1
+    # the slot whose first segment ends first takes the longest second segment
+    second.sort(key=lambda seg: -(seg[2] - seg[1]))
+    table = torch.tensor(first + second, dtype=torch.int32, device=device)
+    return table, torch.tensor(count, dtype=torch.int32, device=device), max(count)
+
+
 def auto_config(batch: int, head_blocks: int, seq_len: int) -> KernelConfig:
     """The launch configuration for a call with ``config=None``: `LARGE_WORK_CONFIG` from `LARGE_WORK_TILES`
     tiles of work on, `DEFAULT_CONFIG` below (tiles counted with the default's ``block_n``)."""
@@ -378,14 +435,25 @@ def decode_attention_triton(
     interpret = _interpreting()
     block_h = max(16, min(cfg.block_h, triton.next_power_of_2(m_rows)))
     head_blocks = triton.cdiv(m_rows, block_h)
-    if num_splits is None:
-        slots = (_sm_count(latent.device.index or 0) if latent.is_cuda else 132) * cfg.ctas_per_sm
-        num_splits = choose_num_splits(
-            b, head_blocks, s, cfg.block_n, slots, block_rows=block_h, latent_dim=r, rope_dim=dr,
-            elem_bytes=latent.element_size(),
-        )
-    split_len = triton.cdiv(triton.cdiv(s, num_splits), cfg.block_n) * cfg.block_n
-    num_splits = max(1, triton.cdiv(s, split_len))
+    slots = (_sm_count(latent.device.index or 0) if latent.is_cuda else CPU_SLOTS) * cfg.ctas_per_sm
+    tiles_per_row, programs = triton.cdiv(s, cfg.block_n), slots // head_blocks
+    streamed = cfg.streamed and num_splits is None and b <= programs < b * tiles_per_row
+    if streamed and latent.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a new table would be a host-to-device copy, which CUDA-graph capture forbids: splits instead, unless
+        # a call outside the capture (a warm-up) built it already
+        streamed = (b, tiles_per_row, programs, latent.device) in _SEGMENT_TABLES
+    if streamed:
+        segments, counts, num_splits = _streamed_segments(b, tiles_per_row, programs, latent.device)
+        split_len = cfg.block_n  # unused by this schedule
+    else:
+        segments = counts = None
+        if num_splits is None:
+            num_splits = choose_num_splits(
+                b, head_blocks, s, cfg.block_n, slots, block_rows=block_h, latent_dim=r, rope_dim=dr,
+                elem_bytes=latent.element_size(),
+            )
+        split_len = triton.cdiv(triton.cdiv(s, num_splits), cfg.block_n) * cfg.block_n
+        num_splits = max(1, triton.cdiv(s, split_len))
 
     o_part = torch.empty(b, m_rows, num_splits, r, device=ql.device, dtype=torch.float32)
     lse = torch.empty(b, m_rows, num_splits, device=ql.device, dtype=torch.float32)
@@ -415,7 +483,7 @@ def decode_attention_triton(
     pdl = bool(cfg.pdl) and not interpret and latent.is_cuda and _pdl_capable(latent.device.index or 0)
     launch_kw = {"launch_pdl": True} if pdl else {}
     try:
-        stage1[(head_blocks, num_splits, b)](
+        stage1[(head_blocks, segments.shape[0]) if streamed else (head_blocks, num_splits, b)](
             ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
             ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
             latent.stride(0), latent.stride(1),
@@ -424,10 +492,10 @@ def decode_attention_triton(
             len_stride,
             o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse.stride(0), lse.stride(1),
-            s, t, h, m_rows, split_len, scale * LOG2E,
+            s, t, h, m_rows, split_len, scale * LOG2E, segments if streamed else ql,
             DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
             BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
-            IEEE=dtype == torch.float32, PDL=pdl,
+            IEEE=dtype == torch.float32, PDL=pdl, TABLE=streamed,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kw,
         )
     except _OUT_OF_RESOURCES:
@@ -441,13 +509,13 @@ def decode_attention_triton(
                                        num_splits=requested_splits, config=smaller)
     block_s = max(2, triton.next_power_of_2(num_splits))
     stage2[(m_rows, b)](
-        o_part, lse, out,
+        o_part, lse, out, counts if streamed else lse,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         num_splits, h,
         DL=r, BLOCK_DL=triton.next_power_of_2(r), BLOCK_S=block_s, CHUNK_S=min(block_s, 16), PDL=pdl,
-        num_warps=4, **launch_kw,
+        COUNTS=streamed, num_warps=4, **launch_kw,
     )
     return out
 
