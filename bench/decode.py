@@ -79,7 +79,8 @@ def kernel_label(cfg: Any) -> str:
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
     occ = f" occ{c['ctas_per_sm']}" if c.get("ctas_per_sm", 1) > 1 else ""
     pdl = " pdl" if c.get("pdl") else ""
-    return f"head-major {c['block_n']}/{c['num_warps']}/{c['num_stages']}{occ}{pdl}"
+    streamed = " streamed" if c.get("streamed") else ""
+    return f"head-major {c['block_n']}/{c['num_warps']}/{c['num_stages']}{occ}{pdl}{streamed}"
 
 
 def log(msg: str) -> None:
