@@ -98,7 +98,7 @@ class KernelConfig:
     pdl: bool = False
     # Streamed schedule (when batch <= block slots): the batch's tiles cut into one equal contiguous range per
     # block slot; a range holding the end of one row and the start of the next is two segments, each one
-    # program of a table (`streamed_segments`), the second segments ordered longest first so that they go to
+    # program of a table (`_streamed_segments`), the second segments ordered longest first so that they go to
     # the slots whose first segment was shortest. No part-full last wave.
     streamed: bool = False
 
