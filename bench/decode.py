@@ -70,8 +70,8 @@ E2E_CONFIGS: list[tuple[str, Any]] = []
 # ================================================================================================ utilities
 def kernel_label(cfg: Any) -> str:
     """``head-major 64/4/3``: tokens per tile / warps / pipeline stages of a `KernelConfig` (or its dict), plus the
-    assumed occupancy when above one and ``pdl`` (the names the logs and decode.md have used since run 1);
-    ``auto`` for the library's automatic choice."""
+    assumed occupancy when above one, ``pdl`` and ``streamed`` (the names the logs and decode.md have used since
+    run 1); ``auto`` for the library's automatic choice."""
     if cfg is None:
         return "-"
     if isinstance(cfg, str):
@@ -530,7 +530,7 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
             from collections import Counter
 
             wins = [cfg for cfg, _ in Counter(cfg for (b, s), cfg in best_cfg.items() if b >= 16 and cfg is not None).most_common()]
-            if wins and wins[0] not in (md.DEFAULT_CONFIG,):
+            if wins and wins[0] != md.DEFAULT_CONFIG:
                 E2E_CONFIGS.append((kernel_label(wins[0]), wins[0]))
         META["kernel_configs_for_e2e"] = [(label, None if c is None else asdict(c)) for label, c in E2E_CONFIGS]
 

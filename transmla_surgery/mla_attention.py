@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .absorbed import DEFAULT_ABSORB_MAX_QUERY, absorbed_attention, can_absorb
-from .kernels import apply_rope, rotate_half  # noqa: F401  (rotate_half: re-exported, it used to live here)
+from .kernels import apply_rope
 
 
 @dataclass(frozen=True)

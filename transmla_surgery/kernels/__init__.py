@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .reference import apply_rope_torch, causal_mask, decode_attention_reference, rotate_half
+from .reference import apply_rope_torch, causal_mask, decode_attention_reference
 
 _BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("TRANSMLA_DECODE_BACKEND", "auto")
@@ -85,7 +85,6 @@ def decode_attention(
 
 __all__ = [
     "apply_rope",
-    "rotate_half",
     "decode_attention",
     "decode_attention_reference",
     "causal_mask",

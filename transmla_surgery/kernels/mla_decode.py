@@ -31,11 +31,13 @@ slots): the batch's tiles, row after row, are cut into one equal range per block
 one or two row segments; stage 1 takes its segments' bounds from a table (`_streamed_segments`, built once per
 shape), so its tile loop compiles exactly as the split schedule's, and stage 2 reads each row's number of
 partials. (Computing the ranges inside the kernel instead, as two tile loops in sequence or one nested in a loop
-over segments, compiled to slower code: decode.md, run 6.) Masks: none (causal, aligned at the end, as the reference), bool
-(True = attend, read as bytes) or additive float, each ``[B or 1, T, S]`` with any strides. An optional
-per-batch (or scalar) length tensor bounds the tokens read (a static cache's filled length: positions past it
-are masked anyway), without a host sync, so the launch can be captured in a CUDA graph. A row whose every key
-is masked gets zeros (the reference averages there; such rows are padding and never read).
+over segments, compiled to slower code: decode.md, run 6.)
+
+Masks: none (causal, aligned at the end, as the reference), bool (True = attend, read as bytes) or additive
+float, each ``[B or 1, T, S]`` with any strides. An optional per-batch (or scalar) length tensor bounds the
+tokens read (a static cache's filled length: positions past it are masked anyway), without a host sync, so the
+launch can be captured in a CUDA graph. A row whose every key is masked gets zeros (the reference averages
+there; such rows are padding and never read).
 
 With ``KernelConfig.pdl`` on a Hopper or newer GPU both kernels are launched as programmatic dependent launches
 (PDL): each starts with ``griddepcontrol.wait`` (the previous kernel in the stream has completed and its writes are
@@ -113,8 +115,9 @@ class KernelConfig:
 # warpgroup MMA (commit 4bed150 has them), the token-major variant, and a balanced one-program-per-SM schedule
 # (commit 1980ec3; why in decode.md, run 4), a Gluon warpgroup-MMA stage 1, 16-bit partials and 32- or 16-token
 # tiles at two blocks per SM (commit 65d8ae3; decode.md, run 5); in run 6 balanced schedules twice more (commit
-# d01b5ae has the second), 16-bit partials again, 16-row head blocks and lazy rescaling of the running output. PDL (run 5): 2-5% at batch
-# <= 16, neutral above and end to end. GPUs with less shared memory fall back to two stages, then to `SAFE_CONFIG`.
+# d01b5ae has the second), 16-bit partials again, 16-row head blocks and lazy rescaling of the running output.
+# PDL (run 5): 2-5% at batch <= 16, neutral above and end to end. GPUs with less shared memory fall back to two
+# stages, then to `SAFE_CONFIG`.
 DEFAULT_CONFIG = KernelConfig(num_stages=3, pdl=True)
 # For large calls: two blocks per multiprocessor, two stages each (112 KiB of shared memory and 255 registers per
 # thread: two blocks just fit), on the streamed schedule. Two independent tile streams per SM hide each other's
