@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transmla_surgery import MLAConfig, convert_to_mla  # noqa: E402
+from transmla_surgery import MLAConfig, convert_to_mla, fuse_input_projections  # noqa: E402
 from transmla_surgery.architectures import check_supported  # noqa: E402
 from transmla_surgery.cache import MLAStaticCache  # noqa: E402
 from transmla_surgery.kernels import decode_attention_reference, set_decode_backend, triton_available  # noqa: E402
@@ -223,7 +223,7 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 def check_kernel(dev: torch.device) -> None:
     from transmla_surgery.kernels.mla_decode import KernelConfig, decode_attention_triton
     from transmla_surgery.kernels.reference import apply_rope_torch
-    from transmla_surgery.kernels.rope import apply_rope_triton
+    from transmla_surgery.kernels.rope import apply_rope_triton, rope_into_cache_triton
 
     g = torch.Generator(device="cpu").manual_seed(0)
     # the fused RoPE launch gives PyTorch's formula's bits (views of a query projection and a latent projection)
@@ -238,6 +238,20 @@ def check_kernel(dev: torch.device) -> None:
             ok = torch.equal(qo, apply_rope_torch(q_rope, cos, sin)) and torch.equal(ko, apply_rope_torch(k_rope, cos, sin))
             record(kind="check", name="fused_rope_bitwise_equals_formula", batch=b, query_len=t, dtype=str(dtype), ok=ok)
             log(f"fused RoPE B={b} T={t} {dtype}: bitwise equal to the formula: {'OK' if ok else 'FAIL'}")
+            # the rotation with a static cache layer's update in the same launch: the same bits as rotating, then
+            # transformers' own update (an indexed copy at the filled length)
+            cache_lat = torch.randn(b, 1, 40, 512, generator=g).to(dev, dtype)
+            cache_rope = torch.randn(b, 1, 40, 64, generator=g).to(dev, dtype)
+            want_lat, want_rope = cache_lat.clone(), cache_rope.clone()
+            pos = torch.arange(7, 7 + t, device=dev)
+            want_lat.index_copy_(2, pos, kv[..., :512].unsqueeze(1))
+            want_rope.index_copy_(2, pos, ko)
+            length, ticket = torch.tensor(7, device=dev), torch.zeros((), dtype=torch.int32, device=dev)
+            qc = rope_into_cache_triton(q_rope, k_rope, cos, sin, kv[..., :512].unsqueeze(1), cache_lat, cache_rope, length, ticket)
+            ok = (torch.equal(qc, qo) and torch.equal(cache_lat, want_lat) and torch.equal(cache_rope, want_rope)
+                  and int(length) == 7 + t and int(ticket) == 0)
+            record(kind="check", name="rope_into_cache_bitwise_equals_rope_then_update", batch=b, query_len=t, dtype=str(dtype), ok=ok)
+            log(f"RoPE + cache write B={b} T={t} {dtype}: bitwise equal to RoPE then index_copy: {'OK' if ok else 'FAIL'}")
     cases = [  # (B, T, H, S, dtype, mask, bounded)
         (4, 1, 32, 4099, torch.bfloat16, None, False),
         (3, 1, 32, 1000, torch.bfloat16, "bool", True),
@@ -282,12 +296,28 @@ def check_kernel(dev: torch.device) -> None:
                    dtype=str(dtype), mask=mask_kind, bounded=bounded, rel_err=err, ok=ok)
             log(f"kernel vs reference B={b} T={t} H={h} S={s} {dtype} mask={mask_kind} bounded={bounded} "
                 f"{kernel_label(cfg)}: rel err {err:.2e} {'OK' if ok else 'FAIL'}")
+        # the merge that applies the per-head up-projection (what a converted model's decode step launches)
+        w_uv = (torch.randn(h, 256, 512, generator=g) / 512**0.5).to(dev, dtype)[:, 128:]
+        want = torch.einsum("bthr,hvr->bthv", ref.to(dtype).double(), w_uv.double()).reshape(b, t, -1)
+        for cfg in (md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG):
+            try:
+                out = decode_attention_triton(q_lat, q_rope, buf[..., :512], buf[..., 512:], 0.07, mask, kv_len, config=cfg, w_uv=w_uv)
+                err = rel(out, want)
+                ok = bool(torch.isfinite(out).all()) and err < (2e-2 if dtype == torch.bfloat16 else 5e-3 if dtype == torch.float16 else 1e-4)
+            except Exception as exc:
+                err, ok = float("nan"), False
+                log(f"projected kernel {kernel_label(cfg)} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            record(kind="check", name="projected_kernel_vs_reference", batch=b, query_len=t, heads=h, context=s,
+                   config=asdict(cfg), dtype=str(dtype), mask=mask_kind, bounded=bounded, rel_err=err, ok=ok)
+            log(f"projected kernel vs reference B={b} T={t} H={h} S={s} {dtype} mask={mask_kind} bounded={bounded} "
+                f"{kernel_label(cfg)}: rel err {err:.2e} {'OK' if ok else 'FAIL'}")
 
 
 def check_model(dev: torch.device) -> None:
     """A tiny model converted by `convert_to_mla`: cached generation (static cache + kernel) == uncached."""
     model = tiny_llama(dev, torch.float32)
     convert_to_mla(model, MLAConfig(kv_lora_rank=32, qk_rope_head_dim=8), [torch.randint(0, 97, (4, 32), device=dev)], progress=False)
+    fuse_input_projections(model)
     ids = torch.randint(1, 97, (3, 12), device=dev)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
@@ -583,6 +613,7 @@ def swap_in_mla(model: torch.nn.Module, rank: int, rope: int, dev: torch.device,
             layer.self_attn = block.eval()
     finally:
         torch.set_default_dtype(old)
+    fuse_input_projections(model)  # as a user prepares a converted model for decoding (README)
     free(dev)
 
 

@@ -38,8 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode as D  # noqa: E402  (harness: copy ceiling, timer, model shapes, step function)
 
-import transmla_surgery.mla_attention as mla_mod  # noqa: E402
-from transmla_surgery.kernels import apply_rope, decode_attention_reference  # noqa: E402
+import transmla_surgery.absorbed as absorbed_mod  # noqa: E402
+import transmla_surgery.cache as cache_mod  # noqa: E402
+from transmla_surgery.kernels import decode_attention_projected, decode_attention_reference, rope_into_cache  # noqa: E402
 from transmla_surgery.kernels.reference import apply_rope_torch  # noqa: E402
 
 ROWS: list[dict] = []
@@ -50,6 +51,7 @@ def log(msg: str) -> None:
 
 
 def rope_section(dev: torch.device, smoke: bool) -> None:
+    from transmla_surgery.cache import MLAStaticLayer
     from transmla_surgery.kernels.rope import apply_rope_triton
 
     dtype = torch.bfloat16
@@ -64,8 +66,29 @@ def rope_section(dev: torch.device, smoke: bool) -> None:
         same = torch.equal(qo, apply_rope_torch(q_rope, cos, sin)) and torch.equal(ko, apply_rope_torch(k_rope, cos, sin))
         t_fused = D.time_graph(lambda: apply_rope_triton(q_rope, k_rope, cos, sin), dev, reps=200)
         t_torch = D.time_graph(lambda: (apply_rope_torch(q_rope, cos, sin), apply_rope_torch(k_rope, cos, sin)), dev, reps=200)
-        ROWS.append(dict(kind="rope", batch=b, bitwise_equal=same, fused_us=t_fused * 1e3, torch_us=t_torch * 1e3))
-        log(f"rope B={b:4d}: fused {t_fused * 1e3:6.2f} us, PyTorch formula {t_torch * 1e3:6.2f} us, bitwise equal: {same}")
+        # the rotation and the static cache's update: one launch against the rope launch and transformers' update
+        layer = MLAStaticLayer(256, b, 512, d, dtype, dev)
+        latent = kv[..., :512].view(b, 1, 1, 512)
+
+        def fused():
+            layer.cumulative_length.fill_(5)
+            return layer.rotate_and_update(q_rope, latent, k_rope, cos, sin)
+
+        def separate():
+            layer.cumulative_length.fill_(5)
+            qo, ko = apply_rope_triton(q_rope, k_rope, cos, sin)
+            return layer.update(latent, ko)
+
+        fused()
+        snap = (layer.keys.clone(), layer.values.clone(), int(layer.cumulative_length))
+        separate()
+        same_cache = torch.equal(layer.keys, snap[0]) and torch.equal(layer.values, snap[1]) and snap[2] == int(layer.cumulative_length)
+        t_rc = D.time_graph(fused, dev, reps=200)
+        t_sep = D.time_graph(separate, dev, reps=200)
+        ROWS.append(dict(kind="rope", batch=b, bitwise_equal=same, fused_us=t_fused * 1e3, torch_us=t_torch * 1e3,
+                         rope_into_cache_us=t_rc * 1e3, rope_then_update_us=t_sep * 1e3, cache_equal=same_cache))
+        log(f"rope B={b:4d}: fused {t_fused * 1e3:6.2f} us, PyTorch formula {t_torch * 1e3:6.2f} us, bitwise equal: {same}; "
+            f"with the cache write {t_rc * 1e3:6.2f} us against rope + update {t_sep * 1e3:6.2f} us (same cache: {same_cache})")
 
 
 def bmm_section(dev: torch.device, smoke: bool) -> None:
@@ -97,19 +120,86 @@ def bmm_section(dev: torch.device, smoke: bool) -> None:
             f"{t_alt * 1e3:6.2f} us (equal: {same})")
 
 
+def proj_section(dev: torch.device, smoke: bool) -> None:
+    """The converted layer's two input projections at the end-to-end batches: ``q_proj`` (hidden → H·(d_nope +
+    d_rope)) and ``kv_a_proj_with_mqa`` (hidden → r + d_rope) as two products, as one product on the concatenated
+    weight, and the small one computed transposed."""
+    import torch.nn.functional as F
+
+    hidden, q_out, kv_out = (64, 4 * 24, 40) if smoke else (4096, 32 * 192, 576)
+    wq = torch.randn(q_out, hidden, device=dev, dtype=torch.bfloat16) * 0.02
+    wkv = torch.randn(kv_out, hidden, device=dev, dtype=torch.bfloat16) * 0.02
+    wcat = torch.cat([wq, wkv])
+    for b in ((3,) if smoke else (54, 191, 205)):
+        x = torch.randn(b, 1, hidden, device=dev, dtype=torch.bfloat16)
+        t_q = D.time_graph(lambda: F.linear(x, wq), dev, reps=200)
+        t_kv = D.time_graph(lambda: F.linear(x, wkv), dev, reps=200)
+        t_both = D.time_graph(lambda: (F.linear(x, wq), F.linear(x, wkv)), dev, reps=200)
+        t_cat = D.time_graph(lambda: F.linear(x, wcat), dev, reps=200)
+        t_kv_t = D.time_graph(lambda: torch.mm(wkv, x.view(b, hidden).t()).t(), dev, reps=200)
+        ROWS.append(dict(kind="proj", batch=b, q_us=t_q * 1e3, kv_a_us=t_kv * 1e3, both_us=t_both * 1e3,
+                         fused_us=t_cat * 1e3, kv_a_transposed_us=t_kv_t * 1e3))
+        log(f"proj B={b:4d}: q_proj {t_q * 1e3:6.2f} us, kv_a {t_kv * 1e3:6.2f} us (transposed {t_kv_t * 1e3:6.2f}), "
+            f"both {t_both * 1e3:6.2f} us, one fused product {t_cat * 1e3:6.2f} us")
+
+
+def merge_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
+    """Attention followed by the per-head up-projection: the kernel's merge then a batched product (run 7) against
+    the merge that applies ``W_UV`` itself (`decode_attention_triton(..., w_uv=)`), in a few program shapes."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    heads, r, dr, dn, dv = (4, 32, 16, 16, 16) if smoke else (32, 512, 64, 128, 128)
+    scale = 192**-0.5
+    dtype = torch.bfloat16
+    w = torch.randn(heads * (dn + dv), r, device=dev, dtype=dtype) * 0.02
+    w_uv = w.view(heads, dn + dv, r)[:, dn:]
+    shapes = [(2, 256), (40, 256)] if smoke else [(1, 8320), (16, 8192), (64, 8192), (54, 8320), (191, 8320), (205, 8320), (1381, 1152)]
+    variants = [(32, 64, 4), (32, 64, 8), (16, 64, 4), (64, 64, 8)]
+    saved = (md.UP_BLOCK_ROWS, md.UP_BLOCK_K, md.UP_NUM_WARPS)
+    for b, s in shapes:
+        q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
+        q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
+        kv = torch.randn(b, s, r + dr, device=dev, dtype=dtype)
+        lat, kr = kv[..., :r], kv[..., r:]
+
+        def separate():
+            o = md.decode_attention_triton(q_lat, q_rope, lat, kr, scale)
+            out = o.new_empty(b, heads, dv)
+            torch.bmm(o.permute(2, 0, 1, 3).reshape(heads, b, r), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+            return out.view(b, 1, heads * dv)
+
+        ref = separate()
+        t_sep = D.time_graph(separate, dev, reps=25)
+        row = dict(kind="merge", batch=b, context=s, separate_us=t_sep * 1e3)
+        line = f"merge B={b:5d} S={s:6d}: separate {t_sep * 1e3:7.1f} us"
+        for br, bk, nw in variants:
+            md.UP_BLOCK_ROWS, md.UP_BLOCK_K, md.UP_NUM_WARPS = br, bk, nw
+            try:
+                out = md.decode_attention_triton(q_lat, q_rope, lat, kr, scale, w_uv=w_uv)
+                err = D.rel(out, ref)
+                ms = D.time_graph(lambda: md.decode_attention_triton(q_lat, q_rope, lat, kr, scale, w_uv=w_uv), dev, reps=25)
+            except Exception as exc:  # record and go on
+                log(f"merge B={b} S={s} {br}/{bk}/{nw}: failed {repr(exc)[:200]}")
+                continue
+            row[f"projected_{br}_{bk}_{nw}_us"], row[f"projected_{br}_{bk}_{nw}_err"] = ms * 1e3, err
+            line += f", {br}/{bk}/{nw}w {ms * 1e3:7.1f} us (err {err:.1e})"
+        md.UP_BLOCK_ROWS, md.UP_BLOCK_K, md.UP_NUM_WARPS = saved
+        ROWS.append(row)
+        log(line)
+        del q_lat, q_rope, kv
+        D.free(dev)
+
+
 def attention_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     from transmla_surgery.kernels import mla_decode as md
 
     one = md.DEFAULT_CONFIG
     two = md.LARGE_WORK_CONFIG
     # the library's automatic choice (`config=None`) and the two configurations it chooses between
-    variants = [("auto", None), ("1/SM", one), ("2/SM", two), ("2/SM split", replace(two, streamed=False)),
-                ("1/SM streamed", replace(one, streamed=True))]
+    variants = [("auto", None), ("1/SM", one), ("2/SM", two),
+                ("1/SM 32x4", replace(one, block_n=32, num_stages=4)), ("1/SM 32x5", replace(one, block_n=32, num_stages=5))]
     # (batch, context): decode.py's end-to-end shapes (largest batch in 70 GiB, prompt + 128) and the goal's shapes
-    shapes = [(2, 256), (4, 512)] if smoke else [
-        (16, 8192), (64, 8192), (16, 32768), (64, 32768),
-        (1381, 1152), (376, 4224), (191, 8320), (96, 16512), (205, 8320),
-    ]
+    shapes = [(2, 256), (4, 512)] if smoke else [(16, 8192), (64, 8192), (16, 32768), (191, 8320)]
     heads, r, dr = 32, 512, 64
     scale = 192**-0.5
     dtype = torch.bfloat16
@@ -138,6 +228,20 @@ def attention_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         D.free(dev)
 
 
+def set_fused_projections(model: torch.nn.Module, on: bool) -> None:
+    """Fuse the converted blocks' input projections, or give each its own buffer again (two products)."""
+    from transmla_surgery import MLAAttention, fuse_input_projections
+
+    if on:
+        fuse_input_projections(model)
+        return
+    with torch.no_grad():
+        for block in (m for m in model.modules() if isinstance(m, MLAAttention)):
+            for lin in block._input_projections():
+                lin.weight.data = lin.weight.data.clone()
+    D.free(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+
+
 def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     from transformers import LlamaForCausalLM
 
@@ -159,16 +263,23 @@ def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             per_token = layers * (2 * g * hd if side == "original" else rank + rope) * 2
             w_all = D.param_bytes(model, read_per_step=False)
             batch = int((limit - w_all) // (ctx * per_token))
-            # (label, (default, large-work) configurations, fused RoPE)
-            variants = [("stock", None, True)] if side == "original" else [
-                ("auto", (default, large), True),
-                ("auto, 2/SM split", (default, replace(large, streamed=False)), True),
-                ("1/SM only", (default, default), True),
+            # (label, (default, large-work) configurations, rope and cache write in one launch, input projections
+            # as one product, the merge applying W_UV)
+            variants = [("stock", None, True, True, True)] if side == "original" else [
+                ("library", (default, large), True, True, True),
+                ("merge, then bmm", (default, large), True, True, False),
+                ("two input products", (default, large), True, False, True),
+                ("separate rope+update", (default, large), False, True, True),
+                ("none of the three (run 7)", (default, large), False, False, False),
+                ("library", (default, large), True, True, True),
             ]
-            for label, kcfg, fused in variants:
+            for label, kcfg, fused, fused_proj, merge_up in variants:
                 if kcfg is not None:
                     md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG = kcfg
-                mla_mod.apply_rope = apply_rope if fused else (lambda q, k, c, s: (apply_rope_torch(q, c, s), apply_rope_torch(k, c, s)))
+                cache_mod.rope_into_cache = rope_into_cache if fused else (lambda *args: None)
+                absorbed_mod.decode_attention_projected = decode_attention_projected if merge_up else (lambda *a, **k: None)
+                if side == "mla":
+                    set_fused_projections(model, fused_proj)
                 cache = D.filled_cache(model, cfg, side, batch, ctx, dev, dtype)
                 t = D.time_decode(model, cache, batch, prompt, new, dev)
                 ROWS.append(dict(kind="e2e", model=name, side=side, variant=label, batch=batch, context=ctx,
@@ -176,7 +287,8 @@ def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                 log(f"e2e {name} {side:8s} B={batch:4d} {label:24s} {t['tokens_per_s']:9.1f} tok/s {t['ms_per_step_mean']:7.2f} ms/step")
                 del cache
                 D.free(dev)
-        md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG, mla_mod.apply_rope = default, large, apply_rope
+        md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG, cache_mod.rope_into_cache = default, large, rope_into_cache
+        absorbed_mod.decode_attention_projected = decode_attention_projected
         del model
         D.free(dev)
 
@@ -196,7 +308,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--sections", default="rope,bmm,attention,e2e")
+    ap.add_argument("--sections", default="rope,bmm,proj,merge,attention,e2e")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +320,9 @@ def main() -> None:
     copy_bw = D.measure_copy(dev, args.smoke)
     meta["copy_GBps"] = copy_bw / 1e9
     for section in args.sections.split(","):
-        {"rope": lambda: rope_section(dev, args.smoke), "bmm": lambda: bmm_section(dev, args.smoke), "attention": lambda: attention_section(dev, copy_bw, args.smoke),
+        {"rope": lambda: rope_section(dev, args.smoke), "bmm": lambda: bmm_section(dev, args.smoke),
+         "proj": lambda: proj_section(dev, args.smoke), "merge": lambda: merge_section(dev, copy_bw, args.smoke),
+         "attention": lambda: attention_section(dev, copy_bw, args.smoke),
          "e2e": lambda: e2e_section(dev, copy_bw, args.smoke)}[section]()
         (out / "decode_select.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print("\n" + table(), flush=True)

@@ -369,3 +369,88 @@ def test_latent_mask_follows_every_change_without_multiplying_by_ones():
             assert torch.equal(latent, explicit()), change
             masked = change in ("in place", "new tensor")
             assert ((block.kv_lora_rank,) in calls) == masked, (change, calls)
+
+
+# ------------------------------------------------------------------------------------------- fused input projections
+def _logits(model, ids, mask, cache=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=cache is not None, **({CACHE: cache} if cache is not None else {})).logits
+
+
+@pytest.mark.parametrize("family,bias", [("llama", False), ("qwen2", True)])
+def test_fused_input_projections_compute_the_same_model(family, bias):
+    """After `fuse_input_projections` the two projections of the hidden states share one buffer and inference runs
+    them as one product: same parameters (names, values, objects), same logits, cached decoding included."""
+    from transmla_surgery import fuse_input_projections
+
+    model = tiny_model(family, bias=bias, dtype=torch.float64)
+    convert_to_mla(model, MLAConfig(kv_lora_rank=R, qk_rope_head_dim=DR), calibration(2, 2, 16), progress=False)
+    ids, mask = padded_batch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    ref = _logits(model, ids, mask)
+    ref_cache = MLAStaticCache.for_model(model, batch_size=3, max_cache_len=12)
+    _logits(model, ids, mask, ref_cache)
+    ref_step = _logits(model, ids[:, -1:], torch.cat([mask, mask[:, -1:]], 1), ref_cache)
+
+    assert fuse_input_projections(model) == model.config.num_hidden_layers
+    assert dict(model.named_parameters()).keys() == params.keys()
+    assert all(p is params[k] for k, p in model.named_parameters())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    block = model.model.layers[0].self_attn
+    assert block.q_proj.weight.untyped_storage().data_ptr() == block.kv_a_proj_with_mqa.weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        weight, b = block._fused_input_weight(torch.zeros(1, 1, block.geometry.hidden_size, dtype=torch.float64))
+    assert torch.equal(weight, torch.cat([block.q_proj.weight, block.kv_a_proj_with_mqa.weight]))
+    assert (b is None) == (not bias)
+    if bias:
+        assert torch.equal(b, torch.cat([block.q_proj.bias, block.kv_a_proj_with_mqa.bias]))
+    calls = []
+    hooks = [m.self_attn.kv_a_proj_with_mqa.register_forward_hook(lambda *a: calls.append(1)) for m in model.model.layers]
+    assert rel_err(_logits(model, ids, mask), ref) < 1e-12
+    assert not calls  # the one product replaced the module's own
+    for h in hooks:
+        h.remove()
+    cache = MLAStaticCache.for_model(model, batch_size=3, max_cache_len=12)
+    _logits(model, ids, mask, cache)
+    step = _logits(model, ids[:, -1:], torch.cat([mask, mask[:, -1:]], 1), cache)
+    assert rel_err(step, ref_step) < 1e-12
+    # the latent is a column range of the one product's output: a dynamic cache must not keep that whole output
+    dynamic = DynamicCache(config=model.config)
+    _logits(model, ids, mask, dynamic)
+    for layer in dynamic.layers:
+        for x in (layer.keys, layer.values):
+            assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
+
+
+def test_fused_input_projections_train_save_and_come_undone_safely(tmp_path):
+    """Gradients flow through the two separate products (the fused one has none for its second half), equal to an
+    unfused copy's; ``save_pretrained`` writes both tensors and `load_converted` reads the same model back; a dtype
+    change re-allocates the parameters and the block quietly returns to two products."""
+    from transmla_surgery import fuse_input_projections, load_converted
+
+    model = converted(torch.float64)
+    twin = copy.deepcopy(model)
+    fuse_input_projections(model)
+    ids, mask = padded_batch()
+    for m in (model, twin):
+        m.train()
+        m(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert p.grad is not None and rel_err(p.grad, q.grad) < 1e-10, name
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_converted(tmp_path / "m", dtype=torch.float64)
+    assert rel_err(_logits(loaded, ids, mask), _logits(model, ids, mask)) < 1e-12
+    block = model.model.layers[1].self_attn
+    model.to(torch.float32)
+    assert block._fused_input_weight(torch.zeros(1, 1, block.geometry.hidden_size)) is None
+    assert rel_err(_logits(model, ids, mask).double(), _logits(twin.eval(), ids, mask)) < 1e-4
+
+
+def test_fuse_input_projections_refuses_a_model_without_mla_blocks():
+    from transmla_surgery import fuse_input_projections
+
+    with pytest.raises(ValueError, match="convert it first"):
+        fuse_input_projections(tiny_model())

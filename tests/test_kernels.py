@@ -157,7 +157,7 @@ def _spy_launches(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(md, "_kernels", lambda interpret: (Spy(1, real[0]), Spy(2, real[1])))
+    monkeypatch.setattr(md, "_kernels", lambda interpret: (Spy(1, real[0]), Spy(2, real[1]), Spy(3, real[2])))
     return launches
 
 
@@ -405,6 +405,127 @@ def test_fused_rope_shared_cos_sin_and_fallbacks():
 
 
 
+@in_process
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 3])
+def test_rope_into_cache_is_bitwise_rope_then_static_update(dtype, t):
+    """One launch rotates query and key and does what transformers' ``StaticLayer.update`` does (write the latent
+    and the rotated key at the filled length, advance the length): the same bits, nothing else touched, and the
+    finished-program count re-armed so that the next call works too."""
+    from transmla_surgery.kernels.reference import apply_rope_torch
+    from transmla_surgery.kernels.rope import rope_into_cache_supported, rope_into_cache_triton
+
+    b, h, d, r, cap = 3, 4, 16, 40, 11
+    g = torch.Generator().manual_seed(21)
+    cache_lat = torch.randn(b, 1, cap, r, generator=g).to(DEVICE, dtype)
+    cache_rope = torch.randn(b, 1, cap, d, generator=g).to(DEVICE, dtype)
+    length = torch.tensor(2, device=DEVICE)
+    ticket = torch.zeros((), dtype=torch.int32, device=DEVICE)
+    want_lat, want_rope, want_len = cache_lat.clone(), cache_rope.clone(), 2
+    for call in range(2):
+        q_rope, k_rope, cos, sin = _rope_inputs(b, h, t, d, dtype, seed=30 + call)
+        kv = torch.randn(b, t, r + 8, generator=g).to(DEVICE, dtype)
+        latent = kv[..., :r].unsqueeze(1)  # a strided view, as the projection's output is split
+        args = (q_rope, k_rope, cos, sin, latent, cache_lat, cache_rope, length, ticket)
+        assert rope_into_cache_supported(*args)
+        q_out = rope_into_cache_triton(*args)
+        assert torch.equal(q_out, apply_rope_torch(q_rope, cos, sin))
+        pos = torch.arange(want_len, want_len + t, device=DEVICE)
+        want_lat.index_copy_(2, pos, latent)
+        want_rope.index_copy_(2, pos, apply_rope_torch(k_rope, cos, sin))
+        want_len += t
+        assert torch.equal(cache_lat, want_lat) and torch.equal(cache_rope, want_rope)
+        assert int(length) == want_len and int(ticket) == 0
+
+
+@in_process
+def test_rope_into_cache_stops_at_the_buffer_end_and_declines_what_it_cannot_take():
+    from transmla_surgery.kernels import rope_into_cache
+    from transmla_surgery.kernels.rope import rope_into_cache_supported, rope_into_cache_triton
+
+    b, h, t, d, r, cap = 2, 4, 3, 16, 32, 6
+    q_rope, k_rope, cos, sin = _rope_inputs(b, h, t, d, torch.float32, seed=40)
+    latent = torch.randn(b, 1, t, r, generator=torch.Generator().manual_seed(41)).to(DEVICE)
+    cache_lat = torch.randn(b, 1, cap, r, generator=torch.Generator().manual_seed(42)).to(DEVICE)
+    cache_rope = torch.randn(b, 1, cap, d, generator=torch.Generator().manual_seed(43)).to(DEVICE)
+    before_lat, before_rope = cache_lat.clone(), cache_rope.clone()
+    length, ticket = torch.tensor(4, device=DEVICE), torch.zeros((), dtype=torch.int32, device=DEVICE)
+    rope_into_cache_triton(q_rope, k_rope, cos, sin, latent, cache_lat, cache_rope, length, ticket)
+    # positions 4 and 5 written, position 6 would be past the end: no write out of bounds
+    assert torch.equal(cache_lat[:, :, 4:], latent[:, :, :2]) and torch.equal(cache_lat[:, :, :4], before_lat[:, :, :4])
+    assert torch.equal(cache_rope[:, :, :4], before_rope[:, :, :4])
+    assert int(length) == 7 and int(ticket) == 0
+    # inputs it does not take: the caller is told (None) and nothing changes
+    args = (q_rope, k_rope, cos, sin, latent, cache_lat, cache_rope, length, ticket)
+    assert not rope_into_cache_supported(q_rope, k_rope, cos, sin, latent.double(), *args[5:])
+    assert not rope_into_cache_supported(q_rope, k_rope, cos, sin, latent, cache_lat[:, :, :, :8], *args[6:])
+    assert not rope_into_cache_supported(*args[:7], length.float(), ticket)
+    snapshot = cache_lat.clone()
+    set_decode_backend("torch")
+    try:
+        assert rope_into_cache(*args) is None
+    finally:
+        set_decode_backend("auto")
+    w = q_rope.clone().requires_grad_(True)
+    set_decode_backend("triton")
+    try:
+        assert rope_into_cache(w, *args[1:]) is None  # autograd: the separate, differentiable path
+    finally:
+        set_decode_backend("auto")
+    assert torch.equal(cache_lat, snapshot) and int(length) == 7
+
+
+@in_process
+def test_static_cache_decode_with_the_fused_update_equals_the_separate_steps():
+    """A converted model with `MLAStaticCache`: prefill and two decode steps with the Triton backend (the fused
+    rope-and-write launch, interpreted) fill the first layer's cache with exactly the PyTorch path's bits, the
+    others and the logits to float32 rounding."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    from conftest import calibration, rel_err, tiny_model
+    from transmla_surgery import MLAConfig, convert_to_mla
+    from transmla_surgery.cache import MLAStaticCache
+    from transmla_surgery.kernels import mla_decode
+
+    model = tiny_model()
+    convert_to_mla(model, MLAConfig(kv_lora_rank=32, qk_rope_head_dim=8), calibration(1, 2, 16), progress=False)
+    model.to(DEVICE)
+    ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    cache_kw = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    runs = {}
+    old = mla_decode.DEFAULT_CONFIG
+    mla_decode.DEFAULT_CONFIG = SMALL
+    try:
+        for backend in ("torch", "triton"):
+            set_decode_backend(backend)
+            cache = MLAStaticCache.for_model(model, batch_size=2, max_cache_len=16)
+            logits = []
+            with torch.no_grad():
+                for lo, hi in ((0, 11), (11, 12), (12, 13)):
+                    out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], use_cache=True, **{cache_kw: cache})
+                    logits.append(out.logits)
+            runs[backend] = (logits, cache)
+    finally:
+        set_decode_backend("auto")
+        mla_decode.DEFAULT_CONFIG = old
+    (ref_logits, ref_cache), (logits, cache) = runs["torch"], runs["triton"]
+    for i, (a, b) in enumerate(zip(cache.layers, ref_cache.layers)):
+        if i == 0:  # the first layer's inputs are the embeddings on both paths: the same bits
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        else:  # later layers see the attention kernel's rounding, not the PyTorch path's (and, at the padding,
+            # the kernel's zeros for a query that sees no key where the reference averages): real tokens only
+            for x, y in ((a.keys, b.keys), (a.values, b.values)):
+                assert rel_err(x[0], y[0]) < 1e-5 and rel_err(x[1, :, 2:], y[1, :, 2:]) < 1e-5
+        assert int(a.cumulative_length) == int(b.cumulative_length) == 13 and int(a.ticket) == 0
+    assert rel_err(logits[0][0], ref_logits[0][0]) < 1e-5 and rel_err(logits[0][1, 2:], ref_logits[0][1, 2:]) < 1e-5
+    for a, b in zip(logits[1:], ref_logits[1:]):  # the decode steps
+        assert rel_err(a, b) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ configuration choice
 @in_process
 def test_large_calls_take_the_two_blocks_per_sm_configuration(monkeypatch):
@@ -512,3 +633,77 @@ def test_streamed_schedule_falls_back_to_splits_when_rows_outnumber_slots(monkey
     out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.15, config=STREAMED)
     assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.15)) < TOL[torch.float32]
     assert not launches[0][2]["TABLE"] and len(launches[0][1]) == 3
+
+
+# ------------------------------------------------------------------------------------------------ merge + up-projection
+def _ref_projected(q_lat, q_rope, lat, kr, scale, w_uv, mask=None):
+    """float64 reference of the projected output ``[B, T, H·d_v]``: attention, rounded to the weights' dtype as the
+    separate merge's output is, then ``w_uv[h] · o_h`` per head."""
+    o = _ref(q_lat, q_rope, lat, kr, scale, mask).to(w_uv.dtype).double()
+    out = torch.einsum("bthr,hvr->bthv", o, w_uv.detach().cpu().double())
+    return out.reshape(*out.shape[:2], -1)
+
+
+def _w_uv(h, dn, dv, r, dtype, seed=50):
+    """``W_UV`` as `absorbed` takes it: a ``[H, d_v, r]`` view of a ``kv_b_proj``-shaped ``[H·(d_nope + d_v), r]``."""
+    w = torch.randn(h * (dn + dv), r, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype) / r**0.5
+    return w.view(h, dn + dv, r)[:, dn:]
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,t,h,r,dv,splits", [(3, 1, 4, 32, 24, 3), (5, 3, 5, 160, 16, 2), (40, 1, 2, 32, 16, 1)],
+                         ids=["decode", "several_tokens_two_channel_chunks", "several_row_blocks"])
+def test_projected_merge_matches_attention_then_up_projection(dtype, b, t, h, r, dv, splits):
+    """The merge that applies ``W_UV`` on the way: odd head counts and widths (masked channels), several query
+    tokens per row (causal), a latent wider than one channel chunk, more rows than one program takes."""
+    q_lat, q_rope, lat, kr, _ = _inputs(b, t, h, r, 16, 45, dtype, seed=b)
+    w_uv = _w_uv(h, 8, dv, r, dtype)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.15, num_splits=splits, config=SMALL, w_uv=w_uv)
+    assert out.shape == (b, t, h * dv) and out.dtype == dtype and out.is_contiguous()
+    assert _err(out, _ref_projected(q_lat, q_rope, lat, kr, 0.15, w_uv)) < TOL[dtype]
+
+
+@in_process
+def test_projected_merge_on_the_streamed_schedule_with_masks_and_empty_rows(monkeypatch):
+    """Rows with different numbers of partials (the streamed schedule's counts), a padding mask, a row whose every
+    key is masked (zeros, as the separate merge gives), and the length bound."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    launches = _spy_launches(monkeypatch)
+    monkeypatch.setattr(md, "CPU_SLOTS", 7)
+    b, t, h, r, dv, s = 3, 2, 4, 32, 16, 7 * 16 - 5
+    q_lat, q_rope, lat, kr, _ = _inputs(b, t, h, r, 16, s, torch.float32, seed=60)
+    mask = torch.ones(b, t, s, dtype=torch.bool, device=DEVICE)
+    mask[1, :, :9] = False  # left padding
+    mask[2, 0, :] = False  # a query that sees nothing
+    w_uv = _w_uv(h, 8, dv, r, torch.float32)
+    filled = torch.tensor([s, s - 20, s], device=DEVICE)
+    mask[1, :, s - 20:] = False  # past the filled length: masked, and not read
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.15, mask, filled, config=STREAMED, w_uv=w_uv)
+    ref = _ref_projected(q_lat, q_rope, lat, kr, 0.15, w_uv, mask)
+    assert launches[0][2]["TABLE"] and launches[1][0] == 3 and launches[1][2]["COUNTS"]
+    assert torch.all(out[2, 0] == 0)
+    keep = torch.ones(b, t, dtype=torch.bool)
+    keep[2, 0] = False
+    assert _err(out[keep], ref[keep]) < 1e-5
+
+
+@in_process
+def test_projected_path_is_taken_only_where_it_applies():
+    """`decode_attention_projected`: the Triton merge with the up-projection when the backend allows it; ``None``
+    (the caller's two steps) for gradients, another weight dtype, or the PyTorch backend."""
+    from transmla_surgery.kernels import decode_attention_projected
+
+    q_lat, q_rope, lat, kr, _ = _inputs(2, 1, 4, 32, 16, 30, torch.float32, seed=70)
+    w_uv = _w_uv(4, 8, 16, 32, torch.float32)
+    set_decode_backend("triton")
+    try:
+        out = decode_attention_projected(q_lat, q_rope, lat, kr, 0.2, w_uv)
+        assert out is not None and _err(out, _ref_projected(q_lat, q_rope, lat, kr, 0.2, w_uv)) < 1e-5
+        assert decode_attention_projected(q_lat, q_rope, lat, kr, 0.2, w_uv.double()) is None
+        assert decode_attention_projected(q_lat.requires_grad_(True), q_rope, lat, kr, 0.2, w_uv) is None
+        set_decode_backend("torch")
+        assert decode_attention_projected(q_lat.detach(), q_rope, lat, kr, 0.2, w_uv) is None
+    finally:
+        set_decode_backend("auto")

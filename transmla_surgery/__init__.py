@@ -9,7 +9,7 @@ from .errors import (
     TransMLAError,
     UnsupportedModelError,
 )
-from .mla_attention import MLAAttention, MLAGeometry
+from .mla_attention import MLAAttention, MLAGeometry, fuse_input_projections
 from .report import ConversionReport
 from .surgery import convert_to_mla
 from .checkpoint import load_converted
@@ -37,6 +37,7 @@ __all__ = [
     "ExportReport",
     "ExportError",
     "MLAStaticCache",
+    "fuse_input_projections",
     "set_decode_backend",
 ]
 __version__ = "0.1.0"

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, StaticLayer
 
+from .kernels import apply_rope, rope_into_cache
 from .mla_attention import MLAAttention
 
 
@@ -54,6 +55,8 @@ class MLAStaticLayer(StaticLayer):
         self.keys = torch.zeros(batch_size, 1, max_cache_len, kv_lora_rank, dtype=dtype, device=self.device)
         self.values = torch.zeros(batch_size, 1, max_cache_len, qk_rope_head_dim, dtype=dtype, device=self.device)
         self.cumulative_length = self.cumulative_length.to(self.device)
+        # the fused update's count of finished programs (`kernels.rope_into_cache`), zero between calls
+        self.ticket = torch.zeros((), dtype=torch.int32, device=self.device)
         # Fixed addresses: compiled graphs and CUDA graphs may capture these tensors (transformers does the same)
         for t in (self.keys, self.values, self.cumulative_length):
             torch._dynamo.mark_static_address(t)
@@ -76,6 +79,22 @@ class MLAStaticLayer(StaticLayer):
         if not torch.compiler.is_compiling():
             self._check(key_states, value_states)
         return super().update(key_states, value_states, *args, **kwargs)
+
+    def rotate_and_update(
+        self, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoPE on ``q_rope [B, H, T, d]`` and ``k_rope [B, 1, T, d]``, then `update` with the latent
+        ``[B, 1, T, r]`` and the rotated key: returns the rotated query and the whole buffers. On CUDA at
+        inference this is one kernel instead of six (the rope launch, a range, two additions, two indexed
+        copies), with the same numbers; elsewhere it is exactly those steps."""
+        if not torch.compiler.is_compiling():
+            self._check(latent, k_rope)
+        q_rot = rope_into_cache(q_rope, k_rope, cos, sin, latent, self.keys, self.values, self.cumulative_length, self.ticket)
+        if q_rot is not None:
+            return q_rot, self.keys, self.values
+        q_rot, k_rot = apply_rope(q_rope, k_rope, cos, sin)
+        keys, values = self.update(latent, k_rot)
+        return q_rot, keys, values
 
     # Beam search and batch selection must keep the buffer's address: copy in place.
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -157,6 +176,19 @@ class MLAStaticCache(Cache):
             device=device or ref.device,
         )
 
+    def rotate_and_update(
+        self,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer_idx: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`MLAStaticLayer.rotate_and_update` of layer ``layer_idx``: the rotated query, the layer's latent and
+        rope-key buffers."""
+        return self.layers[layer_idx].rotate_and_update(q_rope, latent, k_rope, cos, sin)
+
     @property
     def bytes_per_token_per_layer(self) -> int:
         """``(kv_lora_rank + qk_rope_head_dim) × bytes per element``: what one cached token costs in one layer."""
@@ -169,3 +201,4 @@ class MLAStaticCache(Cache):
             layer.keys.zero_()
             layer.values.zero_()
             layer.cumulative_length.zero_()
+            layer.ticket.zero_()

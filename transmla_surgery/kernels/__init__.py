@@ -63,6 +63,32 @@ def apply_rope(
     return apply_rope_torch(q_rope, cos, sin), apply_rope_torch(k_rope, cos, sin)
 
 
+def rope_into_cache(
+    q_rope: torch.Tensor,
+    k_rope: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    latent: torch.Tensor,
+    cache_latent: torch.Tensor,
+    cache_rope: torch.Tensor,
+    length: torch.Tensor,
+    ticket: torch.Tensor,
+) -> torch.Tensor | None:
+    """`apply_rope` and a static cache layer's update in one Triton launch (`rope.rope_into_cache_triton`):
+    returns the rotated query ``[B, H, T, d]`` after writing ``latent [B, 1, T, r]`` and the rotated ``k_rope``
+    at ``length`` in ``cache_latent [B, 1, L, r]``/``cache_rope [B, 1, L, d]`` and advancing ``length`` by ``T``.
+    Returns ``None``, having changed nothing, where the backend or the inputs do not allow it (the caller then
+    rotates and updates separately): not on the CPU by default, not for gradients, not under torch.compile."""
+    tensors = (q_rope, k_rope, cos, sin, latent)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    if needs_grad or torch.compiler.is_compiling() or not _wants_triton(*tensors):
+        return None
+    from .rope import rope_into_cache_supported, rope_into_cache_triton
+
+    args = (q_rope, k_rope, cos, sin, latent, cache_latent, cache_rope, length, ticket)
+    return rope_into_cache_triton(*args) if rope_into_cache_supported(*args) else None
+
+
 def decode_attention(
     q_lat: torch.Tensor,
     q_rope: torch.Tensor,
@@ -83,9 +109,38 @@ def decode_attention(
     return decode_attention_reference(q_lat, q_rope, latent, k_rope, scale, mask)
 
 
+def decode_attention_projected(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    scale: float,
+    w_uv: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    kv_len: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """`decode_attention` followed by the per-head up-projection ``w_uv [H, d_v, r]``: ``[B, T, H·d_v]``, the input
+    of ``o_proj``, from one Triton merge that applies ``w_uv`` on the way (no ``[B, T, H, r]`` round trip through
+    memory, no separate batched product). Returns ``None`` where that path is not taken (the caller then runs
+    `decode_attention` and the product itself): not on the CPU by default, not for gradients, not under
+    torch.compile (whose graph holds `decode_attention` as one opaque operator), and only when ``w_uv`` has the
+    cache's dtype."""
+    tensors = (q_lat, q_rope, latent, k_rope, w_uv)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    if needs_grad or torch.compiler.is_compiling() or not _wants_triton(*tensors):
+        return None
+    if w_uv.dtype != latent.dtype or w_uv.device != latent.device or w_uv.stride(-1) != 1:
+        return None
+    from .mla_decode import decode_attention_triton
+
+    return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len, w_uv=w_uv)
+
+
 __all__ = [
     "apply_rope",
+    "rope_into_cache",
     "decode_attention",
+    "decode_attention_projected",
     "decode_attention_reference",
     "causal_mask",
     "set_decode_backend",

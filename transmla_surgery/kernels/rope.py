@@ -30,8 +30,12 @@ def _rope_fn(
     Q, K, COS, SIN, QO, KO,
     sq_b, sq_h, sq_t, sk_b, sk_t, sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
     T, H,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    LAT, CL, LEN, TICKET, sl_b, sl_t, scl_b, scl_s, sko_b, sko_s, L, R,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, CACHE: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """``CACHE``: ``KO`` is a static cache's rope-key buffer and ``CL`` its latent buffer (strides ``sko_*``,
+    ``scl_*``, ``L`` positions); token ``t`` of the batch's rows goes to position ``LEN + t`` of both (``LAT``:
+    the new latent, strides ``sl_*``, width ``R``), and the last program to finish adds ``T`` to ``LEN``."""
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
@@ -61,9 +65,26 @@ def _rope_fn(
     y_hi = tl.load(k_row + i + HALF).to(tl.float32)
     lo = (y_lo * c_lo).to(dt).to(tl.float32) + (-y_hi * s_lo).to(dt).to(tl.float32)
     hi = (y_hi * c_hi).to(dt).to(tl.float32) + (y_lo * s_hi).to(dt).to(tl.float32)
-    ko_row = KO + (b * T + t) * (2 * HALF)  # contiguous [B, 1, T, d]
-    tl.store(ko_row + i, lo.to(dt))
-    tl.store(ko_row + i + HALF, hi.to(dt))
+    if CACHE:
+        start = tl.load(LEN)
+        pos = start.to(tl.int64) + t
+        in_cache = pos < L  # past the buffer's end nothing is written (transformers' own update would fail there)
+        ko_row = KO + b * sko_b + pos * sko_s
+        tl.store(ko_row + i, lo.to(dt), mask=in_cache & (i < HALF))
+        tl.store(ko_row + i + HALF, hi.to(dt), mask=in_cache & (i < HALF))
+        j = tl.arange(0, BLOCK_R)
+        c = tl.load(LAT + b * sl_b + t * sl_t + j, mask=j < R)
+        tl.store(CL + b * scl_b + pos * scl_s + j, c, mask=in_cache & (j < R))
+        # Every program has read LEN above, before its ticket: the one drawing the last ticket may advance it
+        # (and re-arm the ticket for the next call). One launch fewer than a separate in-place add.
+        ticket = tl.atomic_add(TICKET, 1)
+        if ticket == tl.num_programs(0) - 1:
+            tl.store(LEN, start + T)
+            tl.store(TICKET, 0)
+    else:
+        ko_row = KO + (b * T + t) * (2 * HALF)  # contiguous [B, 1, T, d]
+        tl.store(ko_row + i, lo.to(dt))
+        tl.store(ko_row + i + HALF, hi.to(dt))
 
 
 @lru_cache(maxsize=2)
@@ -111,6 +132,71 @@ def apply_rope_triton(
         q_rope.stride(0), q_rope.stride(1), q_rope.stride(2), k_rope.stride(0), k_rope.stride(2),
         cb, cos.stride(2), cos.stride(3), sb, sin.stride(2), sin.stride(3),
         t, h,
-        HALF=d // 2, BLOCK_H=max(2, triton.next_power_of_2(h)), num_warps=4 if h * d >= 2048 else 1, **options,
+        q_out, q_out, q_out, q_out, 0, 0, 0, 0, 0, 0, 0, 0,  # no cache: unused
+        HALF=d // 2, BLOCK_H=max(2, triton.next_power_of_2(h)), CACHE=False, BLOCK_R=2,
+        num_warps=4 if h * d >= 2048 else 1, **options,
     )
     return q_out, k_out
+
+
+def rope_into_cache_supported(
+    q_rope: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent: torch.Tensor,
+    cache_latent: torch.Tensor, cache_rope: torch.Tensor, length: torch.Tensor, ticket: torch.Tensor,
+) -> bool:
+    """Whether `rope_into_cache_triton` takes these inputs: those `fused_rope_supported` takes, a latent
+    ``[B, 1, T, r]`` and buffers ``[B, 1, L, r]``/``[B, 1, L, d]`` of the same dtype and device, contiguous in the
+    last dimension, and one-element integer ``length``/``ticket`` tensors there."""
+    if not fused_rope_supported(q_rope, k_rope, cos, sin):
+        return False
+    b, _, t, d = k_rope.shape
+    r = latent.shape[-1]
+    if latent.dim() != 4 or tuple(latent.shape[:3]) != (b, 1, t) or latent.stride(-1) != 1:
+        return False
+    if cache_latent.dim() != 4 or cache_rope.dim() != 4 or cache_latent.shape[0] != b or cache_rope.shape[0] != b:
+        return False
+    if cache_latent.shape[1] != 1 or cache_rope.shape[1] != 1 or cache_latent.shape[-1] != r or cache_rope.shape[-1] != d:
+        return False
+    if cache_latent.shape[2] != cache_rope.shape[2] or cache_latent.stride(-1) != 1 or cache_rope.stride(-1) != 1:
+        return False
+    if any(x.dtype != q_rope.dtype or x.device != q_rope.device for x in (latent, cache_latent, cache_rope)):
+        return False
+    return all(
+        x.device == q_rope.device and x.numel() == 1 and x.dtype in (torch.int32, torch.int64) for x in (length, ticket)
+    )
+
+
+def rope_into_cache_triton(
+    q_rope: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent: torch.Tensor,
+    cache_latent: torch.Tensor, cache_rope: torch.Tensor, length: torch.Tensor, ticket: torch.Tensor,
+) -> torch.Tensor:
+    """RoPE and a static cache's update in one launch; returns the rotated query ``[B, H, T, d]`` (contiguous).
+
+    Writes ``latent [B, 1, T, r]`` and the rotated ``k_rope [B, 1, T, d]`` at positions ``length .. length+T-1`` of
+    ``cache_latent [B, 1, L, r]`` / ``cache_rope [B, 1, L, d]`` (positions from ``L`` on are not written) and adds
+    ``T`` to ``length`` in place, as transformers' ``StaticLayer.update`` does with five kernels (a range, two
+    additions, two indexed copies). ``ticket`` (one integer, zero between calls) counts the finished programs so
+    that the last one advances ``length``: use one per cache layer, never shared by concurrent launches. The
+    numbers are bitwise those of `apply_rope_triton` and ``index_copy_``."""
+    b, h, t, d = q_rope.shape
+    q_out = torch.empty(b, h, t, d, dtype=q_rope.dtype, device=q_rope.device)
+    if b * t == 0:
+        return q_out
+    interpret = _interpreting()
+    if interpret:
+        _patch_interpreter_for_numpy2()
+    cb = cos.stride(0) if cos.shape[0] > 1 else 0
+    sb = sin.stride(0) if sin.shape[0] > 1 else 0
+    r = latent.shape[-1]
+    options = {} if interpret else {"enable_fp_fusion": False}
+    _kernel(interpret)[(b * t,)](
+        q_rope, k_rope, cos, sin, q_out, cache_rope,
+        q_rope.stride(0), q_rope.stride(1), q_rope.stride(2), k_rope.stride(0), k_rope.stride(2),
+        cb, cos.stride(2), cos.stride(3), sb, sin.stride(2), sin.stride(3),
+        t, h,
+        latent, cache_latent, length, ticket, latent.stride(0), latent.stride(2),
+        cache_latent.stride(0), cache_latent.stride(2), cache_rope.stride(0), cache_rope.stride(2),
+        cache_latent.shape[2], r,
+        HALF=d // 2, BLOCK_H=max(2, triton.next_power_of_2(h)), CACHE=True, BLOCK_R=max(2, triton.next_power_of_2(r)),
+        num_warps=4 if h * d >= 2048 else 1, **options,
+    )
+    return q_out
