@@ -8,7 +8,8 @@ next one runs):
 
 1. ``copy``: the card's device-to-device copy bandwidth (bytes read + written), the ceiling for the rest.
 2. ``check``: correctness on the device: the Triton kernel against the float32 PyTorch reference (bf16 and fp32,
-   masks, a static cache's length bound); a tiny model converted with `convert_to_mla`: generation with
+   masks, a static cache's length bound); the fused RoPE (alone, and with the static cache's update) bitwise
+   against PyTorch; a tiny model converted with `convert_to_mla` (input projections fused): generation with
    `MLAStaticCache` + kernel == uncached generation (float32, token for token), and a CUDA-graph replay of a
    decode step == the eager step.
 3. ``attention``: one layer's decode attention alone, batch 1/16/64 × 4K/8K/32K cached tokens, 32 heads:
@@ -19,7 +20,8 @@ next one runs):
 4. ``e2e``: random-weight Llama-2-7B-shaped (MHA) and Llama-3-8B-shaped (GQA-8) models in bf16, original
    (transformers attention, SDPA, HF ``StaticCache``) against the same model with its attention converted to
    MLA 512+64 (random MLA weights of the conversion's geometry: speed does not depend on the values, and the
-   conversion's float64 eigendecompositions of 8K×8K matrices would cost minutes of device time per model),
+   conversion's float64 eigendecompositions of 8K×8K matrices would cost minutes of device time per model;
+   input projections fused with `fuse_input_projections`, as the README's decoding recipe does),
    decoding 128 tokens after prompts of 1K/4K/8K/16K over a pre-filled cache (random contents), at the
    largest batch whose weights + cache fit in 70 GiB, plus batch-1 latency. One harness for both: one decode
    step (embedding → decoder layers → norm → lm_head, no mask, positions from the cache) captured in a CUDA
@@ -295,21 +297,6 @@ def check_kernel(dev: torch.device) -> None:
             record(kind="check", name="kernel_vs_reference", batch=b, query_len=t, heads=h, context=s, config=asdict(cfg),
                    dtype=str(dtype), mask=mask_kind, bounded=bounded, rel_err=err, ok=ok)
             log(f"kernel vs reference B={b} T={t} H={h} S={s} {dtype} mask={mask_kind} bounded={bounded} "
-                f"{kernel_label(cfg)}: rel err {err:.2e} {'OK' if ok else 'FAIL'}")
-        # the merge that applies the per-head up-projection (what a converted model's decode step launches)
-        w_uv = (torch.randn(h, 256, 512, generator=g) / 512**0.5).to(dev, dtype)[:, 128:]
-        want = torch.einsum("bthr,hvr->bthv", ref.to(dtype).double(), w_uv.double()).reshape(b, t, -1)
-        for cfg in (md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG):
-            try:
-                out = decode_attention_triton(q_lat, q_rope, buf[..., :512], buf[..., 512:], 0.07, mask, kv_len, config=cfg, w_uv=w_uv)
-                err = rel(out, want)
-                ok = bool(torch.isfinite(out).all()) and err < (2e-2 if dtype == torch.bfloat16 else 5e-3 if dtype == torch.float16 else 1e-4)
-            except Exception as exc:
-                err, ok = float("nan"), False
-                log(f"projected kernel {kernel_label(cfg)} failed: {type(exc).__name__}: {str(exc)[:300]}")
-            record(kind="check", name="projected_kernel_vs_reference", batch=b, query_len=t, heads=h, context=s,
-                   config=asdict(cfg), dtype=str(dtype), mask=mask_kind, bounded=bounded, rel_err=err, ok=ok)
-            log(f"projected kernel vs reference B={b} T={t} H={h} S={s} {dtype} mask={mask_kind} bounded={bounded} "
                 f"{kernel_label(cfg)}: rel err {err:.2e} {'OK' if ok else 'FAIL'}")
 
 

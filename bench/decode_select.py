@@ -38,9 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode as D  # noqa: E402  (harness: copy ceiling, timer, model shapes, step function)
 
-import transmla_surgery.absorbed as absorbed_mod  # noqa: E402
 import transmla_surgery.cache as cache_mod  # noqa: E402
-from transmla_surgery.kernels import decode_attention_projected, decode_attention_reference, rope_into_cache  # noqa: E402
+from transmla_surgery.kernels import decode_attention_reference, rope_into_cache  # noqa: E402
 from transmla_surgery.kernels.reference import apply_rope_torch  # noqa: E402
 
 ROWS: list[dict] = []
@@ -143,53 +142,6 @@ def proj_section(dev: torch.device, smoke: bool) -> None:
             f"both {t_both * 1e3:6.2f} us, one fused product {t_cat * 1e3:6.2f} us")
 
 
-def merge_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
-    """Attention followed by the per-head up-projection: the kernel's merge then a batched product (run 7) against
-    the merge that applies ``W_UV`` itself (`decode_attention_triton(..., w_uv=)`), in a few program shapes."""
-    from transmla_surgery.kernels import mla_decode as md
-
-    heads, r, dr, dn, dv = (4, 32, 16, 16, 16) if smoke else (32, 512, 64, 128, 128)
-    scale = 192**-0.5
-    dtype = torch.bfloat16
-    w = torch.randn(heads * (dn + dv), r, device=dev, dtype=dtype) * 0.02
-    w_uv = w.view(heads, dn + dv, r)[:, dn:]
-    shapes = [(2, 256), (40, 256)] if smoke else [(1, 8320), (16, 8192), (64, 8192), (54, 8320), (191, 8320), (205, 8320), (1381, 1152)]
-    variants = [(32, 64, 4), (32, 64, 8), (16, 64, 4), (64, 64, 8)]
-    saved = (md.UP_BLOCK_ROWS, md.UP_BLOCK_K, md.UP_NUM_WARPS)
-    for b, s in shapes:
-        q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
-        q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
-        kv = torch.randn(b, s, r + dr, device=dev, dtype=dtype)
-        lat, kr = kv[..., :r], kv[..., r:]
-
-        def separate():
-            o = md.decode_attention_triton(q_lat, q_rope, lat, kr, scale)
-            out = o.new_empty(b, heads, dv)
-            torch.bmm(o.permute(2, 0, 1, 3).reshape(heads, b, r), w_uv.transpose(1, 2), out=out.transpose(0, 1))
-            return out.view(b, 1, heads * dv)
-
-        ref = separate()
-        t_sep = D.time_graph(separate, dev, reps=25)
-        row = dict(kind="merge", batch=b, context=s, separate_us=t_sep * 1e3)
-        line = f"merge B={b:5d} S={s:6d}: separate {t_sep * 1e3:7.1f} us"
-        for br, bk, nw in variants:
-            md.UP_BLOCK_ROWS, md.UP_BLOCK_K, md.UP_NUM_WARPS = br, bk, nw
-            try:
-                out = md.decode_attention_triton(q_lat, q_rope, lat, kr, scale, w_uv=w_uv)
-                err = D.rel(out, ref)
-                ms = D.time_graph(lambda: md.decode_attention_triton(q_lat, q_rope, lat, kr, scale, w_uv=w_uv), dev, reps=25)
-            except Exception as exc:  # record and go on
-                log(f"merge B={b} S={s} {br}/{bk}/{nw}: failed {repr(exc)[:200]}")
-                continue
-            row[f"projected_{br}_{bk}_{nw}_us"], row[f"projected_{br}_{bk}_{nw}_err"] = ms * 1e3, err
-            line += f", {br}/{bk}/{nw}w {ms * 1e3:7.1f} us (err {err:.1e})"
-        md.UP_BLOCK_ROWS, md.UP_BLOCK_K, md.UP_NUM_WARPS = saved
-        ROWS.append(row)
-        log(line)
-        del q_lat, q_rope, kv
-        D.free(dev)
-
-
 def attention_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     from transmla_surgery.kernels import mla_decode as md
 
@@ -264,20 +216,18 @@ def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             w_all = D.param_bytes(model, read_per_step=False)
             batch = int((limit - w_all) // (ctx * per_token))
             # (label, (default, large-work) configurations, rope and cache write in one launch, input projections
-            # as one product, the merge applying W_UV)
-            variants = [("stock", None, True, True, True)] if side == "original" else [
-                ("library", (default, large), True, True, True),
-                ("merge, then bmm", (default, large), True, True, False),
-                ("two input products", (default, large), True, False, True),
-                ("separate rope+update", (default, large), False, True, True),
-                ("none of the three (run 7)", (default, large), False, False, False),
-                ("library", (default, large), True, True, True),
+            # as one product)
+            variants = [("stock", None, True, True)] if side == "original" else [
+                ("library", (default, large), True, True),
+                ("two input products", (default, large), True, False),
+                ("separate rope+update", (default, large), False, True),
+                ("neither (run 7)", (default, large), False, False),
+                ("library", (default, large), True, True),
             ]
-            for label, kcfg, fused, fused_proj, merge_up in variants:
+            for label, kcfg, fused, fused_proj in variants:
                 if kcfg is not None:
                     md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG = kcfg
                 cache_mod.rope_into_cache = rope_into_cache if fused else (lambda *args: None)
-                absorbed_mod.decode_attention_projected = decode_attention_projected if merge_up else (lambda *a, **k: None)
                 if side == "mla":
                     set_fused_projections(model, fused_proj)
                 cache = D.filled_cache(model, cfg, side, batch, ctx, dev, dtype)
@@ -288,7 +238,6 @@ def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                 del cache
                 D.free(dev)
         md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG, cache_mod.rope_into_cache = default, large, rope_into_cache
-        absorbed_mod.decode_attention_projected = decode_attention_projected
         del model
         D.free(dev)
 
@@ -308,7 +257,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--sections", default="rope,bmm,proj,merge,attention,e2e")
+    ap.add_argument("--sections", default="rope,bmm,proj,attention,e2e")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,8 +270,7 @@ def main() -> None:
     meta["copy_GBps"] = copy_bw / 1e9
     for section in args.sections.split(","):
         {"rope": lambda: rope_section(dev, args.smoke), "bmm": lambda: bmm_section(dev, args.smoke),
-         "proj": lambda: proj_section(dev, args.smoke), "merge": lambda: merge_section(dev, copy_bw, args.smoke),
-         "attention": lambda: attention_section(dev, copy_bw, args.smoke),
+         "proj": lambda: proj_section(dev, args.smoke), "attention": lambda: attention_section(dev, copy_bw, args.smoke),
          "e2e": lambda: e2e_section(dev, copy_bw, args.smoke)}[section]()
         (out / "decode_select.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print("\n" + table(), flush=True)

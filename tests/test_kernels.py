@@ -157,7 +157,7 @@ def _spy_launches(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(md, "_kernels", lambda interpret: (Spy(1, real[0]), Spy(2, real[1]), Spy(3, real[2])))
+    monkeypatch.setattr(md, "_kernels", lambda interpret: (Spy(1, real[0]), Spy(2, real[1])))
     return launches
 
 
@@ -633,77 +633,3 @@ def test_streamed_schedule_falls_back_to_splits_when_rows_outnumber_slots(monkey
     out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.15, config=STREAMED)
     assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.15)) < TOL[torch.float32]
     assert not launches[0][2]["TABLE"] and len(launches[0][1]) == 3
-
-
-# ------------------------------------------------------------------------------------------------ merge + up-projection
-def _ref_projected(q_lat, q_rope, lat, kr, scale, w_uv, mask=None):
-    """float64 reference of the projected output ``[B, T, H·d_v]``: attention, rounded to the weights' dtype as the
-    separate merge's output is, then ``w_uv[h] · o_h`` per head."""
-    o = _ref(q_lat, q_rope, lat, kr, scale, mask).to(w_uv.dtype).double()
-    out = torch.einsum("bthr,hvr->bthv", o, w_uv.detach().cpu().double())
-    return out.reshape(*out.shape[:2], -1)
-
-
-def _w_uv(h, dn, dv, r, dtype, seed=50):
-    """``W_UV`` as `absorbed` takes it: a ``[H, d_v, r]`` view of a ``kv_b_proj``-shaped ``[H·(d_nope + d_v), r]``."""
-    w = torch.randn(h * (dn + dv), r, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype) / r**0.5
-    return w.view(h, dn + dv, r)[:, dn:]
-
-
-@in_process
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("b,t,h,r,dv,splits", [(3, 1, 4, 32, 24, 3), (5, 3, 5, 160, 16, 2), (40, 1, 2, 32, 16, 1)],
-                         ids=["decode", "several_tokens_two_channel_chunks", "several_row_blocks"])
-def test_projected_merge_matches_attention_then_up_projection(dtype, b, t, h, r, dv, splits):
-    """The merge that applies ``W_UV`` on the way: odd head counts and widths (masked channels), several query
-    tokens per row (causal), a latent wider than one channel chunk, more rows than one program takes."""
-    q_lat, q_rope, lat, kr, _ = _inputs(b, t, h, r, 16, 45, dtype, seed=b)
-    w_uv = _w_uv(h, 8, dv, r, dtype)
-    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.15, num_splits=splits, config=SMALL, w_uv=w_uv)
-    assert out.shape == (b, t, h * dv) and out.dtype == dtype and out.is_contiguous()
-    assert _err(out, _ref_projected(q_lat, q_rope, lat, kr, 0.15, w_uv)) < TOL[dtype]
-
-
-@in_process
-def test_projected_merge_on_the_streamed_schedule_with_masks_and_empty_rows(monkeypatch):
-    """Rows with different numbers of partials (the streamed schedule's counts), a padding mask, a row whose every
-    key is masked (zeros, as the separate merge gives), and the length bound."""
-    from transmla_surgery.kernels import mla_decode as md
-
-    launches = _spy_launches(monkeypatch)
-    monkeypatch.setattr(md, "CPU_SLOTS", 7)
-    b, t, h, r, dv, s = 3, 2, 4, 32, 16, 7 * 16 - 5
-    q_lat, q_rope, lat, kr, _ = _inputs(b, t, h, r, 16, s, torch.float32, seed=60)
-    mask = torch.ones(b, t, s, dtype=torch.bool, device=DEVICE)
-    mask[1, :, :9] = False  # left padding
-    mask[2, 0, :] = False  # a query that sees nothing
-    w_uv = _w_uv(h, 8, dv, r, torch.float32)
-    filled = torch.tensor([s, s - 20, s], device=DEVICE)
-    mask[1, :, s - 20:] = False  # past the filled length: masked, and not read
-    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.15, mask, filled, config=STREAMED, w_uv=w_uv)
-    ref = _ref_projected(q_lat, q_rope, lat, kr, 0.15, w_uv, mask)
-    assert launches[0][2]["TABLE"] and launches[1][0] == 3 and launches[1][2]["COUNTS"]
-    assert torch.all(out[2, 0] == 0)
-    keep = torch.ones(b, t, dtype=torch.bool)
-    keep[2, 0] = False
-    assert _err(out[keep], ref[keep]) < 1e-5
-
-
-@in_process
-def test_projected_path_is_taken_only_where_it_applies():
-    """`decode_attention_projected`: the Triton merge with the up-projection when the backend allows it; ``None``
-    (the caller's two steps) for gradients, another weight dtype, or the PyTorch backend."""
-    from transmla_surgery.kernels import decode_attention_projected
-
-    q_lat, q_rope, lat, kr, _ = _inputs(2, 1, 4, 32, 16, 30, torch.float32, seed=70)
-    w_uv = _w_uv(4, 8, 16, 32, torch.float32)
-    set_decode_backend("triton")
-    try:
-        out = decode_attention_projected(q_lat, q_rope, lat, kr, 0.2, w_uv)
-        assert out is not None and _err(out, _ref_projected(q_lat, q_rope, lat, kr, 0.2, w_uv)) < 1e-5
-        assert decode_attention_projected(q_lat, q_rope, lat, kr, 0.2, w_uv.double()) is None
-        assert decode_attention_projected(q_lat.requires_grad_(True), q_rope, lat, kr, 0.2, w_uv) is None
-        set_decode_backend("torch")
-        assert decode_attention_projected(q_lat.detach(), q_rope, lat, kr, 0.2, w_uv) is None
-    finally:
-        set_decode_backend("auto")

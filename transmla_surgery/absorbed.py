@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kernels import decode_attention, decode_attention_projected
+from .kernels import decode_attention
 
 DEFAULT_ABSORB_MAX_QUERY = 16  # query tokens up to which a cached forward absorbs (decode, speculative steps)
 
@@ -108,10 +108,5 @@ def absorbed_attention(
     # Positions at or past a static layer's filled length are masked by any mask transformers builds, so the
     # kernel may stop there. Without a mask every returned position is attended (as in the expanded path).
     kv_len = _cache_length(cache, module.layer_idx) if mask is not None else None
-    if q_nope.dtype == latent.dtype:  # the merge applies `W_UV` itself where it can (CUDA inference)
-        out = decode_attention_projected(q_lat, q_r, latent[:, 0], k_rope[:, 0], module.scaling, _up_weights(module)[1],
-                                         mask, kv_len)
-        if out is not None:
-            return out
     o_lat = decode_attention(q_lat, q_r, latent[:, 0], k_rope[:, 0], module.scaling, mask, kv_len)
     return expand_output(module, o_lat.to(q_nope.dtype))

@@ -109,38 +109,10 @@ def decode_attention(
     return decode_attention_reference(q_lat, q_rope, latent, k_rope, scale, mask)
 
 
-def decode_attention_projected(
-    q_lat: torch.Tensor,
-    q_rope: torch.Tensor,
-    latent: torch.Tensor,
-    k_rope: torch.Tensor,
-    scale: float,
-    w_uv: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    kv_len: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """`decode_attention` followed by the per-head up-projection ``w_uv [H, d_v, r]``: ``[B, T, H·d_v]``, the input
-    of ``o_proj``, from one Triton merge that applies ``w_uv`` on the way (no ``[B, T, H, r]`` round trip through
-    memory, no separate batched product). Returns ``None`` where that path is not taken (the caller then runs
-    `decode_attention` and the product itself): not on the CPU by default, not for gradients, not under
-    torch.compile (whose graph holds `decode_attention` as one opaque operator), and only when ``w_uv`` has the
-    cache's dtype."""
-    tensors = (q_lat, q_rope, latent, k_rope, w_uv)
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
-    if needs_grad or torch.compiler.is_compiling() or not _wants_triton(*tensors):
-        return None
-    if w_uv.dtype != latent.dtype or w_uv.device != latent.device or w_uv.stride(-1) != 1:
-        return None
-    from .mla_decode import decode_attention_triton
-
-    return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len, w_uv=w_uv)
-
-
 __all__ = [
     "apply_rope",
     "rope_into_cache",
     "decode_attention",
-    "decode_attention_projected",
     "decode_attention_reference",
     "causal_mask",
     "set_decode_backend",

@@ -17,7 +17,9 @@ Two launches:
 Merging in stage 1 instead (the last program of a row, counted by an atomic) and 16-bit partials were both
 slower on an H200 (bench/results/decode.md, run 4) and were removed (commit 9fe5822 has them): the stage-1
 kernel is bound by its 255 registers per thread, and code after its tile loop changes how ptxas schedules the
-loop.
+loop. A merge that also applies the per-head up-projection ``W_UV`` on tensor cores (saving the batched product
+after it) was 2-18% slower than merge plus product at every batch up to 205 (decode.md, run 8; commit ab881b9
+has it).
 
 Queries are read in place through their batch, token and head strides; the output ``[B, T, H, r]`` is a view
 of head-major storage (``[H, B, T, r]``), the layout the per-head up-projection after it reads without a copy.
@@ -128,12 +130,6 @@ DEFAULT_CONFIG = KernelConfig(num_stages=3, pdl=True)
 # bandwidth), 96 × 16512 449.1 against 519.3, 205 × 8320 498.3 against 593.3, 64 × 32K 584.5 against 651.4;
 # 16 × 32K (8K tiles) 171.0 against 176.7, 64 × 8K (8K tiles) even, 16 × 8K (2K tiles) 19% slower.
 LARGE_WORK_CONFIG = KernelConfig(num_stages=2, ctas_per_sm=2, pdl=True, streamed=True)
-# The merge with the up-projection (`_stage2_up_fn`): rows (batch × query tokens) per program and latent
-# channels per tensor-core product
-# (64 channels: with 128, ptxas spills the product's operands; offline sm_90a compile, 153 registers at 64)
-UP_BLOCK_ROWS = 32
-UP_BLOCK_K = 64
-UP_NUM_WARPS = 4
 LARGE_WORK_TILES = 16384  # tiles per call (batch × head blocks × ceil(S / block_n)) from which it is chosen
 # Small tiles that fit any supported GPU: the fallback when a launch runs out of shared memory or registers
 # (with the failing configuration's `pdl`, which costs no resources).
@@ -291,68 +287,11 @@ def _stage2_fn(
     tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=dl_ok)
 
 
-def _stage2_up_fn(
-    O_part, Lse, Counts, W, Out,
-    stride_ob, stride_om, stride_os,
-    stride_lseb, stride_lsem,
-    stride_wh, stride_wd,
-    stride_outn,
-    NUM_SPLITS, MAX_SPLITS, H, T, N,
-    DL: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_DV: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, COUNTS: tl.constexpr,
-):
-    """The merge and the per-head up-projection in one: ``out[n, h·DV:(h+1)·DV] = W[h] · merge_j(O_j[n, h])`` for
-    ``BLOCK_R`` rows ``n = b·T + t`` of one head ``h`` (``W[h]``: ``[DV, DL]``, a view of ``kv_b_proj.weight``).
-    The merged row is rounded to ``W``'s dtype before the product, as the separate merge's output is; the
-    product runs ``BLOCK_K`` latent channels at a time on tensor cores, float32 accumulation."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # stage 1 has completed: its partials and log-sum-exps are visible
-        tl.extra.cuda.gdc_launch_dependents()
-    h = tl.program_id(0)
-    n = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    n_ok = n < N
-    b = (n // T).to(tl.int64)
-    m = (n - (n // T) * T) * H + h  # the partials' row: token-major, head-minor
-    if COUNTS:  # the streamed schedule: rows have different numbers of partials
-        count = tl.load(Counts + b, mask=n_ok, other=0)
-    else:
-        count = tl.zeros([BLOCK_R], tl.int32) + NUM_SPLITS
-    count = tl.where(n_ok, count, 0)
-    lse_row = Lse + b * stride_lseb + m * stride_lsem
-    sp = tl.arange(0, BLOCK_S)
-    mx = tl.max(tl.load(lse_row[:, None] + sp[None, :], mask=sp[None, :] < count[:, None], other=float("-inf")), 1)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)  # no key in the row: keep exp2 finite (all weights 0)
-    denom = tl.sum(tl.exp2(tl.load(lse_row[:, None] + sp[None, :], mask=sp[None, :] < count[:, None],
-                                   other=float("-inf")) - mx_safe[:, None]), 1)
-    inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)  # a row with no key at all: zeros
-    o_row = O_part + b * stride_ob + m * stride_om
-    dv = tl.arange(0, BLOCK_DV)
-    dv_ok = dv < DV
-    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
-    for k0 in tl.static_range(0, DL, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < DL
-        o = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
-        for j in range(0, MAX_SPLITS):
-            has = j < count
-            w = tl.exp2(tl.load(lse_row + j, mask=has, other=float("-inf")) - mx_safe) * inv  # 0 for an empty split
-            part = tl.load(o_row[:, None] + j * stride_os + k[None, :], mask=has[:, None] & k_ok[None, :], other=0.0)
-            o += w[:, None] * part
-        wt = tl.load(W + h * stride_wh + dv[None, :] * stride_wd + k[:, None], mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(o.to(W.dtype.element_ty), wt, acc=acc, input_precision="ieee")
-        else:
-            acc = tl.dot(o.to(W.dtype.element_ty), wt, acc=acc)
-    out_ptr = Out + n[:, None].to(tl.int64) * stride_outn + h * DV + dv[None, :]
-    tl.store(out_ptr, acc.to(Out.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
-
-
 @lru_cache(maxsize=2)
 def _kernels(interpret: bool):
-    """``(stage1, stage2, stage2 with the up-projection)`` decorated for the current mode (compiled, or
-    interpreted on the CPU)."""
+    """``(stage1, stage2)`` decorated for the current mode (compiled, or interpreted on the CPU)."""
     del interpret  # part of the cache key only: `triton.jit` reads the mode itself
-    return triton.jit(_stage1_fn), triton.jit(_stage2_fn), triton.jit(_stage2_up_fn)
+    return triton.jit(_stage1_fn), triton.jit(_stage2_fn)
 
 
 def _interpreting() -> bool:
@@ -470,16 +409,10 @@ def decode_attention_triton(
     *,
     num_splits: int | None = None,
     config: KernelConfig | None = None,
-    w_uv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton absorbed decode; shapes as `decode_attention_reference`, plus ``kv_len`` (int tensor ``[]``,
     ``[1]`` or ``[B]``) bounding the tokens read. ``latent``/``k_rope`` may be strided views (last dim contiguous),
-    e.g. two column ranges of one ``[B, S, r + d_rope]`` buffer.
-
-    ``w_uv`` (``[H, d_v, r]``, last dim contiguous, e.g. a view of ``kv_b_proj.weight``): the merge also applies
-    the per-head up-projection and the result is ``[B, T, H·d_v]`` (``out[b, t, h·d_v:(h+1)·d_v] = w_uv[h] ·
-    o[b, t, h]``, ``o`` rounded to ``w_uv``'s dtype first), the input of ``o_proj``; no ``[B, T, H, r]`` output is
-    written and read back."""
+    e.g. two column ranges of one ``[B, S, r + d_rope]`` buffer."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     requested_splits = num_splits
@@ -529,12 +462,9 @@ def decode_attention_triton(
 
     o_part = torch.empty(b, m_rows, num_splits, r, device=ql.device, dtype=torch.float32)
     lse = torch.empty(b, m_rows, num_splits, device=ql.device, dtype=torch.float32)
-    if w_uv is None:
-        # the output is written head-major (`[H, B, T, r]` storage, returned as a `[B, T, H, r]` view): the
-        # per-head up-projection that follows (`absorbed.expand_output`) then reads it without a copy
-        out = torch.empty(h, b, t, r, device=ql.device, dtype=dtype).permute(1, 2, 0, 3)
-    else:
-        out = torch.empty(b, t, h * w_uv.shape[1], device=ql.device, dtype=w_uv.dtype)
+    # the output is written head-major (`[H, B, T, r]` storage, returned as a `[B, T, H, r]` view): the
+    # per-head up-projection that follows (`absorbed.expand_output`) then reads it without a copy
+    out = torch.empty(h, b, t, r, device=ql.device, dtype=dtype).permute(1, 2, 0, 3)
 
     if mask is None:
         mask_mode, mask_t, mstr = 0, ql, (0, 0, 0)
@@ -553,7 +483,7 @@ def decode_attention_triton(
 
     if interpret:
         _patch_interpreter_for_numpy2()
-    stage1, stage2, stage2_up = _kernels(interpret)
+    stage1, stage2 = _kernels(interpret)
     # PDL only in compiled launches on Hopper or newer: the interpreter cannot run the `griddepcontrol` asm
     pdl = bool(cfg.pdl) and not interpret and latent.is_cuda and _pdl_capable(latent.device.index or 0)
     launch_kw = {"launch_pdl": True} if pdl else {}
@@ -581,23 +511,8 @@ def decode_attention_triton(
         smaller = (replace(cfg, num_stages=cfg.num_stages - 1) if cfg.num_stages > 2
                    else replace(SAFE_CONFIG, pdl=cfg.pdl))
         return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len,
-                                       num_splits=requested_splits, config=smaller, w_uv=w_uv)
+                                       num_splits=requested_splits, config=smaller)
     block_s = max(2, triton.next_power_of_2(num_splits))
-    if w_uv is not None:
-        n_rows, dv = b * t, w_uv.shape[1]
-        block_r = UP_BLOCK_ROWS if n_rows > 16 else 16  # tensor-core products need 16 rows
-        stage2_up[(h, triton.cdiv(n_rows, block_r))](
-            o_part, lse, counts if streamed else lse, w_uv, out,
-            o_part.stride(0), o_part.stride(1), o_part.stride(2),
-            lse.stride(0), lse.stride(1),
-            w_uv.stride(0), w_uv.stride(1),
-            out.stride(1),
-            num_splits, num_splits, h, t, n_rows,
-            DL=r, DV=dv, BLOCK_R=block_r, BLOCK_K=min(UP_BLOCK_K, triton.next_power_of_2(r)), BLOCK_S=block_s,
-            BLOCK_DV=max(16, triton.next_power_of_2(dv)), IEEE=w_uv.dtype == torch.float32, PDL=pdl,
-            COUNTS=streamed, num_warps=UP_NUM_WARPS, num_stages=2, **launch_kw,
-        )
-        return out
     stage2[(m_rows, b)](
         o_part, lse, out, counts if streamed else lse,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
