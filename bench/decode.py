@@ -438,7 +438,7 @@ def time_decode(model: torch.nn.Module, cache: Any, batch: int, prompt: int, new
     if dev.type == "cuda":
         del graph
     return {"graph": graphed, "ms_per_step_median": sorted(steps)[len(steps) // 2], "ms_per_step_mean": total / new_tokens,
-            "tokens_per_s": batch * new_tokens / (total * 1e-3)}
+            "tokens_per_s": batch * new_tokens / (total * 1e-3), "steps_ms": [round(x, 4) for x in steps]}
 
 
 # ================================================================================================ 3. attention

@@ -1,26 +1,24 @@
 """Which decode-kernel configuration for which amount of work, and what the decode step's small kernels cost
 (issue 4). One GPU call:
 
-    PYTHONUNBUFFERED=1 python bench/decode_select.py --out bench/results     # writes decode_select.{json,log}
+    PYTHONUNBUFFERED=1 python bench/decode_select.py --out bench/results     # writes decode_select.json
 
 1. ``rope``: the fused RoPE launch (`kernels.rope`) against PyTorch's formula at the end-to-end batches: bitwise
-   equality in bf16 and time per call (back-to-back CUDA-graph replays, `decode.time_graph`).
+   equality in bf16 and time per call (back-to-back CUDA-graph replays, `decode.time_graph`); and the launch that
+   also writes a static cache layer (`MLAStaticCache.rotate_and_update`) against RoPE then transformers' update.
    ``bmm``: the per-head up-projections around the kernel, as the library writes them and one alternative.
-2. ``attention``: the attention call alone at the shapes the end-to-end benchmark runs (its batches at 1K-16K
-   prompts) and at the attention goal's shapes: the library's automatic choice (`mla_decode.auto_config`), the
-   two configurations it chooses between (the one-block-per-SM three-stage default, the two-blocks-per-SM
-   two-stage `LARGE_WORK_CONFIG` on the streamed schedule), the latter on the split schedule and the former on
-   the streamed one.
-3. ``e2e``: Llama-3-8B and Llama-2-7B shapes at 8K, original against converted: the automatic choice, the same
-   with the split schedule for large calls, and the default configuration only (`decode.time_decode`, the same
-   harness as decode.py).
-Earlier versions of this script measured what the library now does and what it rejected, each on a fresh H200
-(bench/results/decode.md, run 6): ``decode_select.run1.json`` (explicit split counts for both configurations, the
-fused RoPE and the per-head products), ``decode_select.run2.json`` (low-precision partials and 16-row head
-blocks), ``decode_select.run3.json`` (a balanced schedule computing its ranges in the kernel, one loop nested in
-another), ``decode_select.run4.json`` (lazy rescaling of the running output), ``decode_select.run5.json`` (the
-balanced ranges as two tile loops in sequence): all these slower; ``decode_select.run6.json`` (the streamed
-schedule from a segment table, now the library's for large calls).
+   ``proj``: ``q_proj`` and ``kv_a_proj_with_mqa`` as two products and as one (`fuse_input_projections`).
+2. ``attention``: the attention call alone at the goal's shapes and the Llama-3-8B shape's end-to-end batch at
+   8K: the library's automatic choice (`mla_decode.auto_config`), the two configurations it chooses between, and
+   one-block-per-SM variants with 32-token tiles.
+3. ``e2e``: Llama-3-8B and Llama-2-7B shapes at 8K, original against converted (`decode.time_decode`, the same
+   harness as decode.py): the library as it is, without the RoPE-and-write launch, without the fused input
+   projections, without both (run 7's code), each step's time recorded.
+Earlier calls of this script, each on a fresh H200 (bench/results/decode.md): runs 6 and 7,
+``decode_select.run1.json`` … ``.run6.json`` (explicit split counts, the fused RoPE, the per-head products,
+16-bit partials, 16-row head blocks, balanced schedules computed in the kernel, lazy rescaling, the streamed
+schedule); run 8, ``decode_select.run7.json`` … ``.run9.json`` (the RoPE-and-write launch, the fused input
+projections, 32-token tiles; a merge applying ``W_UV``, commit ab881b9, slower; per-step times).
 Prints a short table last. ``--smoke`` runs tiny shapes on any device.
 """
 
@@ -234,7 +232,10 @@ def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                 t = D.time_decode(model, cache, batch, prompt, new, dev)
                 ROWS.append(dict(kind="e2e", model=name, side=side, variant=label, batch=batch, context=ctx,
                                  configs=None if kcfg is None else [asdict(c) for c in kcfg], **t))
-                log(f"e2e {name} {side:8s} B={batch:4d} {label:24s} {t['tokens_per_s']:9.1f} tok/s {t['ms_per_step_mean']:7.2f} ms/step")
+                st = t["steps_ms"]
+                log(f"e2e {name} {side:8s} B={batch:4d} {label:24s} {t['tokens_per_s']:9.1f} tok/s {t['ms_per_step_mean']:7.2f} ms/step"
+                    f" (median {t['ms_per_step_median']:.2f}; steps 0-3 {[round(x, 2) for x in st[:4]]}, min {min(st):.2f}, max {max(st):.2f};"
+                    f" by quarter {[round(sum(st[i:i + len(st) // 4]) / max(1, len(st) // 4), 2) for i in range(0, len(st), max(1, len(st) // 4))]})")
                 del cache
                 D.free(dev)
         md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG, cache_mod.rope_into_cache = default, large, rope_into_cache

@@ -450,7 +450,10 @@ def test_fused_input_projections_train_save_and_come_undone_safely(tmp_path):
 
 
 def test_fuse_input_projections_refuses_a_model_without_mla_blocks():
-    from transmla_surgery import fuse_input_projections
+    from transmla_surgery import UnsupportedModelError, fuse_input_projections
 
-    with pytest.raises(ValueError, match="convert it first"):
-        fuse_input_projections(tiny_model())
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match="has no MLAAttention blocks: convert it first"):
+        fuse_input_projections(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

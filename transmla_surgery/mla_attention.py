@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .absorbed import DEFAULT_ABSORB_MAX_QUERY, absorbed_attention, can_absorb
+from .errors import UnsupportedModelError
 from .kernels import apply_rope
 
 
@@ -348,5 +349,5 @@ def fuse_input_projections(model: nn.Module) -> int:
     Values, parameter names and training are unchanged. Returns the number of blocks fused."""
     blocks = [m for m in model.modules() if isinstance(m, MLAAttention)]
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no MLAAttention blocks: convert it first (convert_to_mla)")
+        raise UnsupportedModelError(f"{type(model).__name__} has no MLAAttention blocks: convert it first (convert_to_mla)")
     return sum(block.fuse_input_projections() for block in blocks)
