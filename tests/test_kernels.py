@@ -214,38 +214,57 @@ def test_choose_num_splits_fills_the_machine():
     assert choose_num_splits(batch=1, head_blocks=1, seq_len=40, block_n=32, slots=132) <= 2
 
 
-@in_process
-def test_triton_backend_inside_a_converted_model():
-    """A decode step of a tiny converted model with the kernel (interpreted) equals the PyTorch path."""
+def _tiny_converted(length: int, pad_row: int, pads: int, seed: int):
+    """A tiny converted Llama on the test device, two random sequences of ``length`` tokens (``pads`` of them
+    left padding in row ``pad_row``) and the name of the forward's cache argument."""
     import inspect
 
-    from transformers import DynamicCache, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from conftest import calibration, rel_err, tiny_model
+    from conftest import calibration, tiny_model
     from transmla_surgery import MLAConfig, convert_to_mla
-    from transmla_surgery.kernels import mla_decode
 
     model = tiny_model()
     convert_to_mla(model, MLAConfig(kv_lora_rank=32, qk_rope_head_dim=8), calibration(1, 2, 16), progress=False)
     model.to(DEVICE)
-    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0
+    mask[pad_row, :pads] = 0
     cache_kw = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-    logits = {}
+    return model, ids, mask, cache_kw
+
+
+def _each_backend_with_small_tiles():
+    """Yields ``"torch"`` then ``"triton"``, each set as the decode backend, with small default tiles (fast in the
+    interpreter); restores both afterwards."""
+    from transmla_surgery.kernels import mla_decode
+
     old = mla_decode.DEFAULT_CONFIG
     mla_decode.DEFAULT_CONFIG = SMALL
     try:
         for backend in ("torch", "triton"):
             set_decode_backend(backend)
-            cache = DynamicCache()
-            with torch.no_grad():
-                model(input_ids=ids[:, :11], attention_mask=mask[:, :11], use_cache=True, **{cache_kw: cache})
-                step = model(input_ids=ids[:, 11:], attention_mask=mask, use_cache=True, **{cache_kw: cache})
-                logits[backend] = step.logits
+            yield backend
     finally:
         set_decode_backend("auto")
         mla_decode.DEFAULT_CONFIG = old
+
+
+@in_process
+def test_triton_backend_inside_a_converted_model():
+    """A decode step of a tiny converted model with the kernel (interpreted) equals the PyTorch path."""
+    from transformers import DynamicCache
+
+    from conftest import rel_err
+
+    model, ids, mask, cache_kw = _tiny_converted(length=12, pad_row=0, pads=3, seed=8)
+    logits = {}
+    for backend in _each_backend_with_small_tiles():
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=ids[:, :11], attention_mask=mask[:, :11], use_cache=True, **{cache_kw: cache})
+            step = model(input_ids=ids[:, 11:], attention_mask=mask, use_cache=True, **{cache_kw: cache})
+            logits[backend] = step.logits
     assert rel_err(logits["triton"], logits["torch"]) < 1e-5
 
 
@@ -480,38 +499,19 @@ def test_static_cache_decode_with_the_fused_update_equals_the_separate_steps():
     """A converted model with `MLAStaticCache`: prefill and two decode steps with the Triton backend (the fused
     rope-and-write launch, interpreted) fill the first layer's cache with exactly the PyTorch path's bits, the
     others and the logits to float32 rounding."""
-    import inspect
-
-    from transformers import LlamaForCausalLM
-
-    from conftest import calibration, rel_err, tiny_model
-    from transmla_surgery import MLAConfig, convert_to_mla
+    from conftest import rel_err
     from transmla_surgery.cache import MLAStaticCache
-    from transmla_surgery.kernels import mla_decode
 
-    model = tiny_model()
-    convert_to_mla(model, MLAConfig(kv_lora_rank=32, qk_rope_head_dim=8), calibration(1, 2, 16), progress=False)
-    model.to(DEVICE)
-    ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(9)).to(DEVICE)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    cache_kw = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    model, ids, mask, cache_kw = _tiny_converted(length=13, pad_row=1, pads=2, seed=9)
     runs = {}
-    old = mla_decode.DEFAULT_CONFIG
-    mla_decode.DEFAULT_CONFIG = SMALL
-    try:
-        for backend in ("torch", "triton"):
-            set_decode_backend(backend)
-            cache = MLAStaticCache.for_model(model, batch_size=2, max_cache_len=16)
-            logits = []
-            with torch.no_grad():
-                for lo, hi in ((0, 11), (11, 12), (12, 13)):
-                    out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], use_cache=True, **{cache_kw: cache})
-                    logits.append(out.logits)
-            runs[backend] = (logits, cache)
-    finally:
-        set_decode_backend("auto")
-        mla_decode.DEFAULT_CONFIG = old
+    for backend in _each_backend_with_small_tiles():
+        cache = MLAStaticCache.for_model(model, batch_size=2, max_cache_len=16)
+        logits = []
+        with torch.no_grad():
+            for lo, hi in ((0, 11), (11, 12), (12, 13)):
+                out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], use_cache=True, **{cache_kw: cache})
+                logits.append(out.logits)
+        runs[backend] = (logits, cache)
     (ref_logits, ref_cache), (logits, cache) = runs["torch"], runs["triton"]
     for i, (a, b) in enumerate(zip(cache.layers, ref_cache.layers)):
         if i == 0:  # the first layer's inputs are the embeddings on both paths: the same bits

@@ -118,8 +118,19 @@ def apply_rope_triton(
     b, h, t, d = q_rope.shape
     q_out = torch.empty(b, h, t, d, dtype=q_rope.dtype, device=q_rope.device)
     k_out = torch.empty(b, 1, t, d, dtype=k_rope.dtype, device=k_rope.device)
+    # no cache: the eight cache arguments are unused
+    _launch(q_rope, k_rope, cos, sin, q_out, k_out, (q_out, q_out, q_out, q_out, 0, 0, 0, 0, 0, 0, 0, 0), block_r=0)
+    return q_out, k_out
+
+
+def _launch(
+    q_rope: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_out: torch.Tensor,
+    k_target: torch.Tensor, cache_args: tuple, block_r: int,
+) -> None:
+    """One program per ``(batch, token)``; ``block_r > 0``: the cache variant (``k_target`` a cache buffer)."""
+    b, h, t, d = q_rope.shape
     if b * t == 0:
-        return q_out, k_out
+        return
     interpret = _interpreting()
     if interpret:
         _patch_interpreter_for_numpy2()
@@ -128,15 +139,13 @@ def apply_rope_triton(
     # no fused multiply-add: the products are rounded before the sum, as in PyTorch
     options = {} if interpret else {"enable_fp_fusion": False}
     _kernel(interpret)[(b * t,)](
-        q_rope, k_rope, cos, sin, q_out, k_out,
+        q_rope, k_rope, cos, sin, q_out, k_target,
         q_rope.stride(0), q_rope.stride(1), q_rope.stride(2), k_rope.stride(0), k_rope.stride(2),
         cb, cos.stride(2), cos.stride(3), sb, sin.stride(2), sin.stride(3),
-        t, h,
-        q_out, q_out, q_out, q_out, 0, 0, 0, 0, 0, 0, 0, 0,  # no cache: unused
-        HALF=d // 2, BLOCK_H=max(2, triton.next_power_of_2(h)), CACHE=False, BLOCK_R=2,
+        t, h, *cache_args,
+        HALF=d // 2, BLOCK_H=max(2, triton.next_power_of_2(h)), CACHE=block_r > 0, BLOCK_R=max(2, block_r),
         num_warps=4 if h * d >= 2048 else 1, **options,
     )
-    return q_out, k_out
 
 
 def rope_into_cache_supported(
@@ -179,24 +188,9 @@ def rope_into_cache_triton(
     numbers are bitwise those of `apply_rope_triton` and ``index_copy_``."""
     b, h, t, d = q_rope.shape
     q_out = torch.empty(b, h, t, d, dtype=q_rope.dtype, device=q_rope.device)
-    if b * t == 0:
-        return q_out
-    interpret = _interpreting()
-    if interpret:
-        _patch_interpreter_for_numpy2()
-    cb = cos.stride(0) if cos.shape[0] > 1 else 0
-    sb = sin.stride(0) if sin.shape[0] > 1 else 0
     r = latent.shape[-1]
-    options = {} if interpret else {"enable_fp_fusion": False}
-    _kernel(interpret)[(b * t,)](
-        q_rope, k_rope, cos, sin, q_out, cache_rope,
-        q_rope.stride(0), q_rope.stride(1), q_rope.stride(2), k_rope.stride(0), k_rope.stride(2),
-        cb, cos.stride(2), cos.stride(3), sb, sin.stride(2), sin.stride(3),
-        t, h,
-        latent, cache_latent, length, ticket, latent.stride(0), latent.stride(2),
-        cache_latent.stride(0), cache_latent.stride(2), cache_rope.stride(0), cache_rope.stride(2),
-        cache_latent.shape[2], r,
-        HALF=d // 2, BLOCK_H=max(2, triton.next_power_of_2(h)), CACHE=True, BLOCK_R=max(2, triton.next_power_of_2(r)),
-        num_warps=4 if h * d >= 2048 else 1, **options,
-    )
+    cache_args = (latent, cache_latent, length, ticket, latent.stride(0), latent.stride(2),
+                  cache_latent.stride(0), cache_latent.stride(2), cache_rope.stride(0), cache_rope.stride(2),
+                  cache_latent.shape[2], r)
+    _launch(q_rope, k_rope, cos, sin, q_out, cache_rope, cache_args, block_r=triton.next_power_of_2(r))
     return q_out
