@@ -406,10 +406,15 @@ def test_fused_input_projections_compute_the_same_model(family, bias):
     assert (b is None) == (not bias)
     if bias:
         assert torch.equal(b, torch.cat([block.q_proj.bias, block.kv_a_proj_with_mqa.bias]))
+    assert rel_err(_logits(model, ids, mask), ref) < 1e-12
+    with torch.no_grad():  # one product: both outputs are views of its result
+        first, kv = block._project_inputs(torch.randn(2, 3, block.geometry.hidden_size, dtype=torch.float64))
+    assert first.untyped_storage().data_ptr() == kv.untyped_storage().data_ptr()
+    # a hooked projection (an adapter, a probe) runs its own forward: the hook sees every call, the logits agree
     calls = []
     hooks = [m.self_attn.kv_a_proj_with_mqa.register_forward_hook(lambda *a: calls.append(1)) for m in model.model.layers]
     assert rel_err(_logits(model, ids, mask), ref) < 1e-12
-    assert not calls  # the one product replaced the module's own
+    assert len(calls) == model.config.num_hidden_layers
     for h in hooks:
         h.remove()
     cache = MLAStaticCache.for_model(model, batch_size=3, max_cache_len=12)

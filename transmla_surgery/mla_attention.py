@@ -156,8 +156,9 @@ class MLAAttention(nn.Module):
 
         The parameters stay what they were (same objects, names, values and shapes; each is now a view of its
         half of the buffer), so training, checkpoints and export are unaffected; whatever re-allocates one of them
-        (``.to(dtype)``, loading with ``assign=True``) quietly returns the block to two products. Returns
-        ``False`` (and changes nothing) when only one of the two has a bias."""
+        (``.to(dtype)``, loading with ``assign=True``) quietly returns the block to two products, and so does a
+        projection that is not a plain ``nn.Linear`` or has hooks (an adapter, a quantised layer, a probe): its
+        own forward runs. Returns ``False`` (and changes nothing) when only one of the two has a bias."""
         first, second = self._input_projections()
         if (first.bias is None) != (second.bias is None):
             return False
@@ -178,6 +179,8 @@ class MLAAttention(nn.Module):
             torch.is_grad_enabled() and (hidden_states.requires_grad or first.weight.requires_grad or second.weight.requires_grad)
         ):
             return None  # the product over both halves has no gradient for the second one: two products there
+        if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in (first, second)):
+            return None  # a wrapped or hooked projection (an adapter, a quantised layer) must run its own forward
         fused = []
         for a, b in ((first.weight, second.weight), (first.bias, second.bias)):
             if a is None and b is None:
