@@ -65,7 +65,7 @@ def main() -> None:
             for name, cfg, splits in configs:
                 for merge in (True, False):
                     if not merge:
-                        md._kernels = lambda interpret, _r=real: (_r[0], _NoLaunch())
+                        md._kernels = lambda interpret, _r=real: (_r[0], _NoLaunch(), _r[2])
                     try:
                         fn = lambda: [md.decode_attention_triton(ql[i], qr[i], kv[i][..., :512], kv[i][..., 512:], 192**-0.5,
                                                                   num_splits=splits, config=cfg) for i in range(n)]

@@ -8,6 +8,8 @@
    also writes a static cache layer (`MLAStaticCache.rotate_and_update`) against RoPE then transformers' update.
    ``bmm``: the per-head up-projections around the kernel, as the library writes them and one alternative.
    ``proj``: ``q_proj`` and ``kv_a_proj_with_mqa`` as two products and as one (`fuse_input_projections`).
+   ``length``: the attention call as ``generate`` makes it (the static cache's length and a bool padding mask)
+   against the bare call of the end-to-end harness, per configuration.
 2. ``attention``: the attention call alone at the goal's shapes and the Llama-3-8B shape's end-to-end batch at
    8K: the library's automatic choice (`mla_decode.auto_config`), the two configurations it chooses between, and
    one-block-per-SM variants with 32-token tiles.
@@ -18,7 +20,9 @@ Earlier calls of this script, each on a fresh H200 (bench/results/decode.md): ru
 ``decode_select.run1.json`` … ``.run6.json`` (explicit split counts, the fused RoPE, the per-head products,
 16-bit partials, 16-row head blocks, balanced schedules computed in the kernel, lazy rescaling, the streamed
 schedule); run 8, ``decode_select.run7.json`` … ``.run9.json`` (the RoPE-and-write launch, the fused input
-projections, 32-token tiles; a merge applying ``W_UV``, commit ab881b9, slower; per-step times).
+projections, 32-token tiles; a merge applying ``W_UV``, commit ab881b9, slower; per-step times),
+``.run10.json`` … ``.run12.json`` (``length``: before, with two changes that did not help, after the padding
+classification and the split schedule for calls with a length).
 Prints a short table last. ``--smoke`` runs tiny shapes on any device.
 """
 
@@ -192,6 +196,36 @@ def set_fused_projections(model: torch.nn.Module, on: bool) -> None:
     D.free(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
 
 
+def length_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
+    """The attention call as `generate` makes it: with the static cache's filled length (``kv_len``) and a bool
+    padding mask, against the bare call the end-to-end harness makes (no mask, no length), per configuration."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    heads, r, dr = (4, 32, 16) if smoke else (32, 512, 64)
+    dtype = torch.bfloat16
+    shapes = [(3, 256)] if smoke else [(191, 8320), (64, 32768), (16, 8192)]
+    for b, s in shapes:
+        q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
+        q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
+        kv = torch.randn(b, s, r + dr, device=dev, dtype=dtype)
+        n_len = torch.tensor(s, device=dev)
+        mask = torch.ones(b, 1, s, dtype=torch.bool, device=dev)
+        mask[:, :, :7] = False  # left padding
+        nbytes = b * s * (r + dr) * 2
+        for label, cfg in (("auto", None), ("1/SM", md.DEFAULT_CONFIG), ("2/SM streamed", md.LARGE_WORK_CONFIG),
+                           ("2/SM split", replace(md.LARGE_WORK_CONFIG, streamed=False))):
+            row = dict(kind="length", batch=b, context=s, variant=label)
+            for name, m, n in (("bare", None, None), ("kv_len", None, n_len), ("kv_len+mask", mask, n_len)):
+                ms = D.time_graph(lambda: md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], 0.07, m, n,
+                                                                     config=cfg), dev, reps=25)
+                row[f"{name}_us"] = ms * 1e3
+            ROWS.append(row)
+            log(f"length B={b:4d} S={s:6d} {label:14s} bare {row['bare_us']:7.1f} us, with kv_len {row['kv_len_us']:7.1f} us, "
+                f"with kv_len and a mask {row['kv_len+mask_us']:7.1f} us ({nbytes / (row['kv_len+mask_us'] * 1e-6) / copy_bw:5.1%})")
+        del q_lat, q_rope, kv
+        D.free(dev)
+
+
 def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     from transformers import LlamaForCausalLM
 
@@ -258,7 +292,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--sections", default="rope,bmm,proj,attention,e2e")
+    ap.add_argument("--sections", default="rope,bmm,proj,length,attention,e2e")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,7 +305,8 @@ def main() -> None:
     meta["copy_GBps"] = copy_bw / 1e9
     for section in args.sections.split(","):
         {"rope": lambda: rope_section(dev, args.smoke), "bmm": lambda: bmm_section(dev, args.smoke),
-         "proj": lambda: proj_section(dev, args.smoke), "attention": lambda: attention_section(dev, copy_bw, args.smoke),
+         "proj": lambda: proj_section(dev, args.smoke), "length": lambda: length_section(dev, copy_bw, args.smoke),
+         "attention": lambda: attention_section(dev, copy_bw, args.smoke),
          "e2e": lambda: e2e_section(dev, copy_bw, args.smoke)}[section]()
         (out / "decode_select.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print("\n" + table(), flush=True)

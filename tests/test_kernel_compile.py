@@ -29,16 +29,16 @@ def _compile_all() -> dict:
     from triton.compiler import ASTSource
     from transmla_surgery.kernels import mla_decode as md
 
-    stage1, stage2 = md._kernels(False)
+    stage1, stage2, prefix = md._kernels(False)
 
     def build(kernel, consts: dict, ptrs: dict, stages: int, warps: int = 4) -> dict:
-        consts = {"PDL": False, **consts}
         fn = kernel.fn
         names = list(inspect.signature(fn).parameters)
+        consts = {"PDL": False, **consts} if "PDL" in names else consts
         for flag in ("TABLE", "COUNTS"):  # the split schedule unless asked
             if flag in names:
                 consts.setdefault(flag, False)
-        ptrs = {"Segments": "*i32", "Counts": "*i32", **ptrs}
+        ptrs = {"Segments": "*i32", "Counts": "*i32", "Prefix": "*i32", **ptrs}
         sig = {}
         for n in names:
             if n in consts:
@@ -75,6 +75,16 @@ def _compile_all() -> dict:
             out[f"stage2 {dtype} splits={block_s}"] = build(
                 stage2, dict(DL=512, BLOCK_DL=512, BLOCK_S=block_s, CHUNK_S=min(block_s, 16)),
                 dict(O_part="*fp32", Lse="*fp32", Out=f"*{dtype}"), 3)
+
+    # decode with a bool mask: the left-padding pass (no mask read) and the pass for the other rows, and the
+    # launch that classifies the rows
+    for mask_mode, pass_ in ((3, 1), (1, 2)):
+        consts = dict(DL=512, DR=64, BLOCK_DL=512, BLOCK_DR=64, BLOCK_H=32, BLOCK_N=64, MASK_MODE=mask_mode,
+                      HAS_LEN=True, IEEE=False, PREFIX=pass_)
+        ptrs = dict(QL="*bf16", QR="*bf16", C="*bf16", KR="*bf16", Mask="*u8", Len="*i64", O_part="*fp32",
+                    Lse="*fp32", Prefix="*i32")
+        out[f"prefix-pass stage1 bf16 stages=3 mask={mask_mode} pass={pass_}"] = build(stage1, consts, ptrs, 3)
+    out["prefix classify"] = build(prefix, dict(HAS_LEN=True, BLOCK=1024), dict(Mask="*u8", Len="*i64", Out="*i32"), 1)
 
     # the streamed schedule: segment bounds read from a table, as the two-blocks-per-SM configuration launches it,
     # and the merge reading each row's number of partials

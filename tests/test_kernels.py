@@ -100,9 +100,10 @@ def test_many_heads_span_several_head_blocks():
 @in_process
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("kind", ["bool", "float"])
-def test_padding_masks(kind, cfg):
+@pytest.mark.parametrize("t", [1, 2], ids=["one_token", "two_tokens"])
+def test_padding_masks(kind, cfg, t):
     """Left padding and holes, per batch row and query token; masks broadcast over heads."""
-    b, t, s = 3, 2, 41
+    b, s = 3, 41
     q_lat, q_rope, lat, kr, _ = _inputs(b, t, 4, 32, 16, s, torch.float32, seed=3)
     g = torch.Generator().manual_seed(4)
     keep = torch.rand(b, t, s, generator=g) > 0.3
@@ -116,10 +117,13 @@ def test_padding_masks(kind, cfg):
 
 @in_process
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
-def test_length_bound_never_reads_past_the_filled_part(cfg):
+@pytest.mark.parametrize("per_row", [False, True], ids=["one_length", "per_row_lengths"])
+def test_length_bound_never_reads_past_the_filled_part(cfg, per_row):
     """A static cache: positions at and past each row's filled length hold NaN and are masked; the kernel,
-    bounded by the length tensor, must not read them (0 · NaN would poison the output)."""
-    b, s, filled = 2, 64, torch.tensor(37, device=DEVICE)
+    bounded by the length tensor (one for all rows, or one per row), must not read them (0 · NaN would poison
+    the output)."""
+    b, s = 2, 64
+    filled = torch.tensor([37, 37] if per_row else 37, device=DEVICE)
     q_lat, q_rope, lat, kr, buf = _inputs(b, 1, 4, 32, 16, s, torch.float32, seed=5)
     buf[:, 37:] = float("nan")
     mask = torch.zeros(b, 1, s, dtype=torch.bool, device=DEVICE)
@@ -128,6 +132,36 @@ def test_length_bound_never_reads_past_the_filled_part(cfg):
     out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, mask, filled, num_splits=4, config=cfg)
     ref = _ref(q_lat, q_rope, lat[:, :37], kr[:, :37], 0.1, mask[..., :37])
     assert _err(out, ref) < 1e-5
+
+
+@in_process
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_decode_masks_read_only_where_rows_are_not_left_padding(cfg, monkeypatch):
+    """One query token and a bool mask, as `generate` passes them: a launch classifies each row (left padding up
+    to its first attended position, or anything else) and the left-padded rows run without reading the mask.
+    Rows: left padding, none, holes after the padding, nothing attended, padding past the length; the result is
+    the reference's either way."""
+    launches = _spy_launches(monkeypatch)
+    b, s = 5, 90
+    q_lat, q_rope, lat, kr, buf = _inputs(b, 1, 4, 32, 16, s, torch.float32, seed=21)
+    filled = torch.tensor([80, 90, 70, 60, 50], device=DEVICE)
+    keep = torch.arange(s)[None, :] < filled.cpu()[:, None]
+    keep[0, :37] = False  # left padding, more than two 16-token tiles
+    keep[2, :5] = False
+    keep[2, 40:44] = False  # a hole: this row needs its mask
+    keep[3] = False  # nothing attended (zeros)
+    keep[4, :50] = False  # padding up to the length: nothing attended either
+    buf[1, 90:] = 0.0
+    for row, n in enumerate(filled.tolist()):
+        buf[row, n:] = float("nan")  # past each row's length: never read
+    mask = keep[:, None, :].to(DEVICE)
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, mask, filled, num_splits=3, config=cfg)
+    ref = _ref(q_lat, q_rope, lat.nan_to_num(), kr.nan_to_num(), 0.1, mask)
+    assert _err(out[:3], ref[:3]) < 1e-5
+    assert torch.count_nonzero(out[3:]) == 0
+    classify = [grid for stage, grid, _ in launches if stage == 0]
+    passes = [(kw["PREFIX"], kw["MASK_MODE"]) for stage, _, kw in launches if stage == 1]
+    assert classify == [(b,)] and passes == [(1, 3), (2, 1)]
 
 
 @in_process
@@ -157,7 +191,7 @@ def _spy_launches(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(md, "_kernels", lambda interpret: (Spy(1, real[0]), Spy(2, real[1])))
+    monkeypatch.setattr(md, "_kernels", lambda interpret: (Spy(1, real[0]), Spy(2, real[1]), Spy(0, real[2])))
     return launches
 
 

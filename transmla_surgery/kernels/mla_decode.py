@@ -36,7 +36,12 @@ partials. (Computing the ranges inside the kernel instead, as two tile loops in 
 over segments, compiled to slower code: decode.md, run 6.)
 
 Masks: none (causal, aligned at the end, as the reference), bool (True = attend, read as bytes) or additive
-float, each ``[B or 1, T, S]`` with any strides. An optional per-batch (or scalar) length tensor bounds the
+float, each ``[B or 1, T, S]`` with any strides. A bool mask with one query token (decode in ``generate``) is
+first classified per row (``_prefix_fn``, one small launch): a row that is left padding followed by attended
+positions up to its length runs without reading the mask (``MASK_MODE`` 3, from the tile holding its first
+attended position), any other row in a second stage-1 launch that reads it; a mask read in every tile costs the
+register-bound loop 50-80% on an H200 (decode.md, run 8). Calls with a length take the split schedule, which
+the streamed one loses to there. An optional per-batch (or scalar) length tensor bounds the
 tokens read (a static cache's filled length: positions past it are masked anyway), without a host sync, so the
 launch can be captured in a CUDA graph. A row whose every key is masked gets zeros (the reference averages
 there; such rows are padding and never read).
@@ -145,11 +150,15 @@ def _stage1_fn(
     stride_lb,
     stride_ob, stride_om, stride_os,
     stride_lseb, stride_lsem,
-    S, T, H, M, split_len, sm_scale_log2, Segments,
+    S, T, H, M, split_len, sm_scale_log2, Segments, Prefix,
     DL: tl.constexpr, DR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LEN: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr, TABLE: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr, TABLE: tl.constexpr, PREFIX: tl.constexpr = 0,
 ):
+    """``PREFIX`` (one query token, a bool mask; `_prefix_fn` has classified each row): 1, the rows whose
+    mask within the length is ``[first, length)`` (``MASK_MODE`` 3: no mask is read, the loop starts at the
+    tile holding ``first``); 2, the other rows, with their mask (``MASK_MODE`` 1). Each pass leaves the other's
+    rows alone (no tile read, nothing written)."""
     if PDL:  # off, nothing is emitted: the kernel compiles as without this block
         tl.extra.cuda.gdc_wait()  # the previous kernel has completed: its outputs (queries, cache) are visible
         tl.extra.cuda.gdc_launch_dependents()  # stage 2 may launch now; it waits for this grid to complete
@@ -185,6 +194,15 @@ def _stage1_fn(
     else:
         start = pid_s * split_len
         end = tl.minimum(start + split_len, kv_len)
+    first = 0
+    skip = False
+    if PREFIX != 0:
+        first = tl.load(Prefix + b * 2)
+        irregular = tl.load(Prefix + b * 2 + 1) != 0
+        skip = irregular if PREFIX == 1 else not irregular
+        if PREFIX == 1:  # tiles before the row's first attended position hold only padding: not read
+            start = tl.maximum(start, (first // BLOCK_N) * BLOCK_N)
+        end = tl.where(skip, start, end)
     # causal limit of each row without a mask: row of token t sees s < kv_len - T + t + 1
     row_limit = kv_len - T + t_row + 1
 
@@ -208,6 +226,8 @@ def _stage1_fn(
         valid = s_ok[None, :] & row_ok[:, None]
         if MASK_MODE == 0:
             valid = valid & (offs[None, :] < row_limit[:, None])
+        elif MASK_MODE == 3:  # the row's mask is [first, length): no load
+            valid = valid & (offs[None, :] >= first)
         elif MASK_MODE == 1:
             mv = tl.load(
                 Mask + b * stride_mb + t_row[:, None] * stride_mt + offs[None, :] * stride_ms,
@@ -237,8 +257,28 @@ def _stage1_fn(
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     o_ptr = O_part + b * stride_ob + rows[:, None] * stride_om + pid_s * stride_os + dl[None, :]
-    tl.store(o_ptr, out.to(O_part.dtype.element_ty), mask=row_ok[:, None] & dl_ok[None, :])
-    tl.store(Lse + b * stride_lseb + rows * stride_lsem + pid_s, lse, mask=row_ok)
+    keep = row_ok & (not skip)
+    tl.store(o_ptr, out.to(O_part.dtype.element_ty), mask=keep[:, None] & dl_ok[None, :])
+    tl.store(Lse + b * stride_lseb + rows * stride_lsem + pid_s, lse, mask=keep)
+
+
+def _prefix_fn(Mask, Len, Out, stride_mb, stride_ms, stride_lb, S, HAS_LEN: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of a one-token bool mask: ``Out[b] = (first, irregular)``, ``first`` the first attended position
+    below the row's length (the length if none) and ``irregular`` whether any position in ``[first, length)``
+    is masked, i.e. whether the mask is something else than left padding there."""
+    b = tl.program_id(0).to(tl.int64)
+    n = S
+    if HAS_LEN:
+        n = tl.minimum(tl.load(Len + b * stride_lb).to(tl.int32), S)
+    first = n
+    count = 0
+    for s0 in range(0, n, BLOCK):
+        offs = s0 + tl.arange(0, BLOCK)
+        keep = tl.load(Mask + b * stride_mb + offs * stride_ms, mask=offs < n, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(keep, offs, n), 0))
+        count += tl.sum(keep.to(tl.int32), 0)
+    tl.store(Out + b * 2, first)
+    tl.store(Out + b * 2 + 1, (count != n - first).to(tl.int32))
 
 
 def _stage2_fn(
@@ -289,9 +329,9 @@ def _stage2_fn(
 
 @lru_cache(maxsize=2)
 def _kernels(interpret: bool):
-    """``(stage1, stage2)`` decorated for the current mode (compiled, or interpreted on the CPU)."""
+    """``(stage1, stage2, prefix)`` decorated for the current mode (compiled, or interpreted on the CPU)."""
     del interpret  # part of the cache key only: `triton.jit` reads the mode itself
-    return triton.jit(_stage1_fn), triton.jit(_stage2_fn)
+    return triton.jit(_stage1_fn), triton.jit(_stage2_fn), triton.jit(_prefix_fn)
 
 
 def _interpreting() -> bool:
@@ -442,7 +482,9 @@ def decode_attention_triton(
     head_blocks = triton.cdiv(m_rows, block_h)
     slots = (_sm_count(latent.device.index or 0) if latent.is_cuda else CPU_SLOTS) * cfg.ctas_per_sm
     tiles_per_row, programs = triton.cdiv(s, cfg.block_n), slots // head_blocks
-    streamed = cfg.streamed and num_splits is None and b <= programs < b * tiles_per_row
+    # with a length bound the streamed schedule measured 25-35% slower than the split one on an H200 (its loop
+    # compiles the same; decode.md, run 8), so calls with a length take splits
+    streamed = cfg.streamed and num_splits is None and kv_len is None and b <= programs < b * tiles_per_row
     if streamed and latent.is_cuda and torch.cuda.is_current_stream_capturing():
         # a new table would be a host-to-device copy, which CUDA-graph capture forbids: splits instead, unless
         # a call outside the capture (a warm-up) built it already
@@ -483,26 +525,36 @@ def decode_attention_triton(
 
     if interpret:
         _patch_interpreter_for_numpy2()
-    stage1, stage2 = _kernels(interpret)
+    stage1, stage2, prefix_kernel = _kernels(interpret)
     # PDL only in compiled launches on Hopper or newer: the interpreter cannot run the `griddepcontrol` asm
     pdl = bool(cfg.pdl) and not interpret and latent.is_cuda and _pdl_capable(latent.device.index or 0)
     launch_kw = {"launch_pdl": True} if pdl else {}
+    # One query token and a bool mask (decode in `generate`): a mask read in every tile costs the register-bound
+    # loop 50-80% (decode.md, run 8), and within the length it is nearly always left padding. One small launch
+    # classifies each row; rows that are left padding run without reading the mask, the others with it.
+    passes = [(mask_mode, 0)]
+    prefix = ql
+    if mask_mode == 1 and t == 1:
+        prefix = torch.empty(b, 2, device=ql.device, dtype=torch.int32)
+        prefix_kernel[(b,)](mask_t, len_t, prefix, mstr[0], mstr[2], len_stride, s, HAS_LEN=has_len, BLOCK=1024)
+        passes = [(3, 1), (1, 2)]
     try:
-        stage1[(head_blocks, segments.shape[0]) if streamed else (head_blocks, num_splits, b)](
-            ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
-            ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
-            latent.stride(0), latent.stride(1),
-            k_rope.stride(0), k_rope.stride(1),
-            *mstr,
-            len_stride,
-            o_part.stride(0), o_part.stride(1), o_part.stride(2),
-            lse.stride(0), lse.stride(1),
-            s, t, h, m_rows, split_len, scale * LOG2E, segments if streamed else ql,
-            DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
-            BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=mask_mode, HAS_LEN=has_len,
-            IEEE=dtype == torch.float32, PDL=pdl, TABLE=streamed,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kw,
-        )
+        for pass_mask, pass_prefix in passes:
+            stage1[(head_blocks, segments.shape[0]) if streamed else (head_blocks, num_splits, b)](
+                ql, qr, latent, k_rope, mask_t, len_t, o_part, lse,
+                ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+                latent.stride(0), latent.stride(1),
+                k_rope.stride(0), k_rope.stride(1),
+                *mstr,
+                len_stride,
+                o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                lse.stride(0), lse.stride(1),
+                s, t, h, m_rows, split_len, scale * LOG2E, segments if streamed else ql, prefix,
+                DL=r, DR=dr, BLOCK_DL=triton.next_power_of_2(r), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
+                BLOCK_H=block_h, BLOCK_N=cfg.block_n, MASK_MODE=pass_mask, HAS_LEN=has_len,
+                IEEE=dtype == torch.float32, PDL=pdl, TABLE=streamed, PREFIX=pass_prefix,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kw,
+            )
     except _OUT_OF_RESOURCES:
         if replace(cfg, pdl=SAFE_CONFIG.pdl) == SAFE_CONFIG:
             raise
