@@ -636,24 +636,34 @@ def test_streamed_schedule_matches_the_reference(slots, dtype, monkeypatch):
 
 @in_process
 @pytest.mark.parametrize("kind", ["bool", "additive"])
-def test_streamed_schedule_with_masks_lengths_and_several_tokens(kind, monkeypatch):
-    """Padding masks, per-row lengths ending inside another slot's range, a row shorter than one range, two
-    query tokens per row (causal)."""
+@pytest.mark.parametrize("t", [1, 2], ids=["one_token", "two_tokens"])
+def test_streamed_schedule_with_masks_and_several_tokens(kind, t, monkeypatch):
+    """Padding masks whose rows end inside another slot's range, a row shorter than one range, one query token
+    (a bool mask: the padding classification's two launches) or two (causal); with the same masks and the
+    lengths, the split schedule (which the streamed one loses to when there is a length) and the same result."""
     from transmla_surgery.kernels import mla_decode as md
 
+    launches = _spy_launches(monkeypatch)
     monkeypatch.setattr(md, "CPU_SLOTS", 6)
-    b, t, s = 4, 2, 70
+    b, s = 4, 70
     q_lat, q_rope, lat, kr, _ = _inputs(b, t, 3, 32, 16, s, torch.float32, seed=3)
     lengths = torch.tensor([70, 9, 33, 1])
     keep = (torch.arange(s)[None, :] < lengths[:, None])[:, None, :].expand(b, t, s).clone()
-    keep[torch.arange(b), 0, lengths - 1] = False  # causal: the first of the two new tokens does not see the last
+    if t == 2:
+        keep[torch.arange(b), 0, lengths - 1] = False  # causal: the first of the two new tokens does not see the last
+    keep[1, :, :3] = False  # left padding
     keep[3] = False  # a row with no key at all
     mask = keep if kind == "bool" else torch.where(keep, 0.0, torch.finfo(torch.float32).min)
-    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.2, mask.to(DEVICE), lengths.to(DEVICE), config=STREAMED)
     ref = _ref(q_lat, q_rope, lat, kr, 0.2, mask)
-    assert _err(out[:3], ref[:3]) < TOL[torch.float32]
-    if kind == "bool":  # no key at all: zeros
-        assert torch.count_nonzero(out[3]) == 0
+    for bound in (None, lengths.to(DEVICE)):
+        launches.clear()
+        out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.2, mask.to(DEVICE), bound, config=STREAMED)
+        assert _err(out[:3], ref[:3]) < TOL[torch.float32]
+        if kind == "bool":  # no key at all: zeros
+            assert torch.count_nonzero(out[3]) == 0
+        stage1 = [kw for stage, _, kw in launches if stage == 1]
+        assert all(kw["TABLE"] == (bound is None) for kw in stage1)
+        assert len(stage1) == (2 if kind == "bool" and t == 1 else 1)
 
 
 @in_process
