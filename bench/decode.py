@@ -262,6 +262,8 @@ def check_kernel(dev: torch.device) -> None:
         # long enough for the streamed schedule of the large-call configuration (more tiles than block slots)
         (5, 1, 32, 9000, torch.bfloat16, None, False),
         (3, 2, 32, 12000, torch.float16, "bool", True),
+        # left padding only, as `generate` builds it: the rows that run without reading their mask
+        (6, 1, 32, 5000, torch.bfloat16, "padding", True),
     ]
     for b, t, h, s, dtype, mask_kind, bounded in cases:
         q_lat = torch.randn(b, t, h, 512, generator=g).to(dev, dtype)
@@ -270,6 +272,9 @@ def check_kernel(dev: torch.device) -> None:
         mask, kv_len, filled = None, None, s
         if mask_kind is not None:
             keep = torch.rand(b, t, s, generator=g) > 0.2
+            if mask_kind == "padding":  # row i padded on its first 700·i positions
+                keep = torch.arange(s)[None, None, :] >= 700 * torch.arange(b)[:, None, None]
+                keep = keep.expand(b, t, s).clone()
             keep[..., -1] = True
             if bounded:
                 filled = s - 100
@@ -278,7 +283,7 @@ def check_kernel(dev: torch.device) -> None:
                 keep[..., filled - 1] = True
                 kv_len = torch.tensor(filled, device=dev)
             keep = keep.to(dev)
-            mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, device=dev, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+            mask = keep if mask_kind != "float" else torch.zeros(keep.shape, device=dev, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
         ref = decode_attention_reference(
             q_lat.float(), q_rope.float(), buf[:, :filled, :512].float(), buf[:, :filled, 512:].float(), 0.07,
             None if mask is None else (mask[..., :filled] if mask.dtype == torch.bool else mask[..., :filled].float()),
