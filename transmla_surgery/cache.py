@@ -93,7 +93,7 @@ class MLAStaticLayer(StaticLayer):
         if q_rot is not None:
             return q_rot, self.keys, self.values
         q_rot, k_rot = apply_rope(q_rope, k_rope, cos, sin)
-        keys, values = self.update(latent, k_rot)
+        keys, values = super().update(latent, k_rot)  # checked above
         return q_rot, keys, values
 
     # Beam search and batch selection must keep the buffer's address: copy in place.

@@ -48,14 +48,20 @@ def _wants_triton(*tensors: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16, torch.float32) and not needs_grad and triton_available()
 
 
+def _triton_at_inference(*tensors: torch.Tensor) -> bool:
+    """`_wants_triton`, and no gradient needed and no torch.compile tracing: the fused inference launches have
+    neither autograd nor a compile path, also when the ``triton`` backend is forced."""
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    return not needs_grad and not torch.compiler.is_compiling() and _wants_triton(*tensors)
+
+
 def apply_rope(
     q_rope: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on ``q_rope [B, H, T, d]`` and ``k_rope [B, 1, T, d]`` with ``cos``/``sin`` ``[B|1, 1, T, d]``:
     ``x·cos + rotate_half(x)·sin`` for each. One Triton launch for both where the backend allows it (bitwise the
     same numbers as the PyTorch formula's ten kernels), the formula otherwise."""
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_rope, k_rope, cos, sin))
-    if _wants_triton(q_rope, k_rope, cos, sin) and not needs_grad and not torch.compiler.is_compiling():
+    if _triton_at_inference(q_rope, k_rope, cos, sin):
         from .rope import apply_rope_triton, fused_rope_supported
 
         if fused_rope_supported(q_rope, k_rope, cos, sin):
@@ -79,9 +85,7 @@ def rope_into_cache(
     at ``length`` in ``cache_latent [B, 1, L, r]``/``cache_rope [B, 1, L, d]`` and advancing ``length`` by ``T``.
     Returns ``None``, having changed nothing, where the backend or the inputs do not allow it (the caller then
     rotates and updates separately): not on the CPU by default, not for gradients, not under torch.compile."""
-    tensors = (q_rope, k_rope, cos, sin, latent)
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
-    if needs_grad or torch.compiler.is_compiling() or not _wants_triton(*tensors):
+    if not _triton_at_inference(q_rope, k_rope, cos, sin, latent):
         return None
     from .rope import rope_into_cache_supported, rope_into_cache_triton
 
