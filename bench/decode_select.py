@@ -182,6 +182,187 @@ def attention_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         D.free(dev)
 
 
+def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
+    """The warp-specialised Gluon stage 1 (`mla_decode_ws`): checks against the float32 reference, a CUDA-graph
+    replay against eager, then time per call beside the Triton configurations."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    one = md.DEFAULT_CONFIG
+    ws_variants = [("ws c1", replace(one, ws_consumers=1)), ("ws c1 pipe", replace(one, ws_consumers=1, ws_pipe=True)),
+                   ("ws c1 nbuf22 pipe", replace(one, ws_consumers=1, ws_nbuf=22, ws_pipe=True)),
+                   ("ws c2", replace(one, ws_consumers=2))]
+    heads, r, dr = 32, 512, 64
+    # (batch, query tokens, heads, context, dtype, explicit splits, cache as views of one [B, S, 576] buffer)
+    cases = [(4, 1, 32, 4099, torch.bfloat16, None, True), (2, 1, 32, 64, torch.bfloat16, None, False),
+             (2, 2, 16, 777, torch.float16, None, True), (1, 1, 8, 2048, torch.float16, 64, False),
+             (5, 1, 32, 300, torch.float16, 1, True), (16, 1, 32, 8192, torch.bfloat16, None, True),
+             (3, 1, 32, 130, torch.bfloat16, 3, False)]
+    torch.manual_seed(0)
+    for label, cfg in ws_variants:
+        for b, t, h, s, dtype, splits, views in cases:
+            q_lat = torch.randn(b, t, h, r, device=dev, dtype=dtype)
+            q_rope = torch.randn(b, t, h, dr, device=dev, dtype=dtype)
+            if views:
+                kv = torch.randn(b, s, r + dr, device=dev, dtype=dtype)
+                lat, kr = kv[..., :r], kv[..., r:]
+            else:
+                lat = torch.randn(b, s, r, device=dev, dtype=dtype)
+                kr = torch.randn(b, s, dr, device=dev, dtype=dtype)
+            scale = 192**-0.5
+            ref = decode_attention_reference(q_lat.double(), q_rope.double(), lat.double(), kr.double(), scale)
+            used = md._ws.supported(q_lat, q_rope, lat, kr, None, None)
+            try:
+                out = md.decode_attention_triton(q_lat, q_rope, lat, kr, scale, num_splits=splits, config=cfg)
+                err = D.rel(out, ref)
+                ok = used and err < 1e-2
+            except Exception as exc:
+                err, ok = float("nan"), False
+                log(f"ws check {label} B={b} T={t} H={h} S={s}: failed {repr(exc)[:300]}")
+            ROWS.append(dict(kind="ws_check", variant=label, batch=b, tokens=t, heads=h, context=s, dtype=str(dtype),
+                             splits=splits, views=views, used_ws=used, rel_err=err, ok=ok))
+            log(f"ws check {label:14s} B={b} T={t} H={h:2d} S={s:5d} {str(dtype):15s} splits={splits} views={views}"
+                f" ws={used} err={err:.2e} {'OK' if ok else 'FAIL'}")
+        # a CUDA-graph replay equals the eager call
+        q_lat = torch.randn(8, 1, heads, r, device=dev, dtype=torch.bfloat16)
+        q_rope = torch.randn(8, 1, heads, dr, device=dev, dtype=torch.bfloat16)
+        kv = torch.randn(8, 3000, r + dr, device=dev, dtype=torch.bfloat16)
+        eager = md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], 0.07, config=cfg)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            replayed = md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], 0.07, config=cfg)
+        g.replay()
+        torch.cuda.synchronize(dev)
+        same = bool(torch.equal(eager, replayed))
+        ROWS.append(dict(kind="ws_check", variant=label, graph_equals_eager=same, ok=same))
+        log(f"ws check {label}: CUDA-graph replay equals eager: {same}")
+    variants = [("auto", None), ("1/SM", one)] + ws_variants
+    shapes = [(1, 8192), (16, 4096), (16, 8192), (64, 8192), (16, 32768), (64, 32768), (191, 8320)]
+    dtype = torch.bfloat16
+    for b, s in shapes:
+        nbytes = b * s * (r + dr) * 2 + b * heads * (r + dr) * 2 + b * heads * r * 2
+        q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
+        q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
+        kv = torch.randn(b, s, r + dr, device=dev, dtype=dtype)
+        for label, cfg in variants:
+            try:
+                ms = D.time_graph(lambda: md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], 0.07, config=cfg), dev, reps=50)
+            except Exception as exc:
+                log(f"ws time B={b} S={s} {label}: failed {repr(exc)[:200]}")
+                continue
+            ROWS.append(dict(kind="ws_time", batch=b, context=s, variant=label, us=ms * 1e3,
+                             TBps=nbytes / (ms * 1e-3) / 1e12, fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
+            log(f"ws time B={b:4d} S={s:6d} {label:16s} {ms * 1e3:8.1f} us {nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s "
+                f"({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
+        del q_lat, q_rope, kv
+        D.free(dev)
+
+
+def wsfixed_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
+    """Where a call's fixed cost goes: the warp-specialised stage 1 at batch 16 over a range of contexts, whole
+    and stage 1 alone, timed as back-to-back replays of a one-call graph and as graphs of 8 calls over 8
+    distinct caches (the layers of a model's decode step); an empty graph's replay; split counts at 16 × 8K."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    heads, r, dr = 32, 512, 64
+    dtype = torch.bfloat16
+    cfg_ws = replace(md.DEFAULT_CONFIG, ws_consumers=1, ws_nbuf=20)
+    x = torch.zeros(16, device=dev)
+    ms = D.time_graph(lambda: x.add_(1), dev, reps=50)
+    ROWS.append(dict(kind="wsfixed", what="empty graph (one tiny kernel)", us=ms * 1e3))
+    log(f"wsfixed: one tiny kernel per replay {ms * 1e3:6.1f} us")
+    layers = 8
+    b = 16
+    for s in (64, 1024, 2048, 4096, 8192, 16384, 32768):
+        nbytes = b * s * (r + dr) * 2
+        q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
+        q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
+        kvs = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(layers)]
+        splits = md.choose_num_splits(b, 1, s, 64, 132)
+        split_len = -(-(-(-s // splits)) // 64) * 64
+        splits = -(-s // split_len)
+        o_part = torch.empty(b, heads, splits, r, device=dev, dtype=torch.float32)
+        lse = torch.empty(b, heads, splits, device=dev, dtype=torch.float32)
+
+        def whole(kv, cfg):
+            return md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], 0.07, config=cfg)
+
+        def stage1(kv):
+            md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads, split_len,
+                                 splits, 0.1, nbuf=20, consumers=1, pdl=True)
+
+        timings = {
+            "ws whole, 1 per graph": D.time_graph(lambda: whole(kvs[0], cfg_ws), dev, reps=50),
+            "ws whole, 8 per graph": D.time_graph(lambda: [whole(kv, cfg_ws) for kv in kvs], dev, reps=20, inner=layers),
+            "ws stage 1, 1 per graph": D.time_graph(lambda: stage1(kvs[0]), dev, reps=50),
+            "ws stage 1, 8 per graph": D.time_graph(lambda: [stage1(kv) for kv in kvs], dev, reps=20, inner=layers),
+            "triton 1/SM whole, 1 per graph": D.time_graph(lambda: whole(kvs[0], md.DEFAULT_CONFIG), dev, reps=50),
+            "triton 1/SM whole, 8 per graph": D.time_graph(lambda: [whole(kv, md.DEFAULT_CONFIG) for kv in kvs], dev, reps=20, inner=layers),
+        }
+        for what, ms in timings.items():
+            ROWS.append(dict(kind="wsfixed", what=what, batch=b, context=s, splits=splits, us=ms * 1e3,
+                             fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
+            log(f"wsfixed B={b} S={s:6d} splits={splits:2d} {what:32s} {ms * 1e3:8.1f} us ({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
+        if s == 8192:
+            for sp in (4, 6, 8, 11, 16, 32):
+                for label, cfg in (("ws", cfg_ws), ("triton 1/SM", md.DEFAULT_CONFIG)):
+                    ms = D.time_graph(lambda: [md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], 0.07, num_splits=sp, config=cfg) for kv in kvs], dev, reps=20, inner=layers)
+                    ROWS.append(dict(kind="wsfixed", what=f"{label} splits={sp}, 8 per graph", batch=b, context=s, splits=sp,
+                                     us=ms * 1e3, fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
+                    log(f"wsfixed B={b} S={s} {label} splits={sp:2d}, 8 per graph {ms * 1e3:8.1f} us ({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
+        del kvs, q_lat, q_rope
+        D.free(dev)
+
+
+def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
+    """Per-program global-timer stamps of the warp-specialised stage 1 (`launch_stage1(timing=...)`) in a graph of
+    8 stage-1 launches over 8 caches: launch spread, PDL wait, query load, first tile, loop, epilogue, end spread
+    and the gap to the next launch, in microseconds."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    heads, r, dr = 32, 512, 64
+    dtype = torch.bfloat16
+    layers = 8
+    for b, s, pipe in ((16, 8192, False), (16, 8192, True), (64, 8192, False), (64, 8192, True)):
+        q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
+        q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
+        kvs = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(layers)]
+        splits = md.choose_num_splits(b, 1, s, 64, 132)
+        split_len = -(-(-(-s // splits)) // 64) * 64
+        splits = -(-s // split_len)
+        o_part = torch.empty(b, heads, splits, r, device=dev, dtype=torch.float32)
+        lse = torch.empty(b, heads, splits, device=dev, dtype=torch.float32)
+        stamps = torch.zeros(layers, b * splits, 8, device=dev, dtype=torch.int64)
+
+        def run():
+            for i, kv in enumerate(kvs):
+                md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads,
+                                     split_len, splits, 0.1, nbuf=20, consumers=1, pdl=True, pipe=pipe,
+                                     timing=stamps[i])
+
+        ms = D.time_graph(run, dev, reps=10, inner=layers)
+        st = stamps.double().cpu()
+        t0 = st[:, :, 0].min()
+        info = []
+        for i in range(layers):
+            x = (st[i] - t0) / 1e3  # µs since the first program's entry
+            e0, e1, q, f, lp, ep = (x[:, k] for k in range(6))
+            nxt = ((st[i + 1, :, 0].min() - t0) / 1e3).item() if i + 1 < layers else float("nan")
+            row = dict(layer=i, entry_min=e0.min().item(), entry_spread=(e0.max() - e0.min()).item(),
+                       pdl_wait_med=(e1 - e0).median().item(), q_med=(q - e1).median().item(),
+                       first_tile_med=(f - q).median().item(), first_tile_max=(f - q).max().item(),
+                       loop_min=(lp - f).min().item(), loop_med=(lp - f).median().item(), loop_max=(lp - f).max().item(),
+                       epilogue_med=(ep - lp).median().item(), epilogue_max=(ep - lp).max().item(),
+                       end_med=ep.median().item(), end_max=ep.max().item(), next_entry=nxt,
+                       sms=int(torch.unique(st[i, :, 6]).numel()))
+            info.append(row)
+        ROWS.append(dict(kind="wstiming", batch=b, context=s, pipe=pipe, splits=splits, us_per_call=ms * 1e3, layers=info))
+        log(f"wstiming B={b} S={s} pipe={pipe} splits={splits} programs={b * splits}: {ms * 1e3:.1f} us per call")
+        for row in info[2:4]:
+            log("  " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        del kvs
+        D.free(dev)
+
+
 def set_fused_projections(model: torch.nn.Module, on: bool) -> None:
     """Fuse the converted blocks' input projections, or give each its own buffer again (two products)."""
     from transmla_surgery import MLAAttention, fuse_input_projections
@@ -279,6 +460,18 @@ def e2e_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
 
 def table() -> str:
     lines = []
+    shapes = sorted({(r["batch"], r["context"]) for r in ROWS if r["kind"] == "ws_time"})
+    labels = list(dict.fromkeys(r["variant"] for r in ROWS if r["kind"] == "ws_time"))
+    if shapes:
+        lines.append("us per call (share of copy) " + " ".join(f"{f'B{b}x{s}':>15s}" for b, s in shapes))
+        for lab in labels:
+            cells = []
+            for b, s in shapes:
+                r = next((r for r in ROWS if r["kind"] == "ws_time" and r["variant"] == lab and (r["batch"], r["context"]) == (b, s)), None)
+                cells.append(f"{r['us']:7.1f} ({r['fraction_of_copy']:4.0%})" if r else " " * 15)
+            lines.append(f"{lab:27s} " + " ".join(f"{c:>15s}" for c in cells))
+        checks = [r for r in ROWS if r["kind"] == "ws_check"]
+        lines.append(f"ws checks: {sum(r['ok'] for r in checks)} of {len(checks)} passed")
     for name in ("llama3-8b", "llama2-7b"):
         rows = [r for r in ROWS if r["kind"] == "e2e" and r["model"] == name]
         base = next((r for r in rows if r["side"] == "original"), None)
@@ -307,6 +500,9 @@ def main() -> None:
         {"rope": lambda: rope_section(dev, args.smoke), "bmm": lambda: bmm_section(dev, args.smoke),
          "proj": lambda: proj_section(dev, args.smoke), "length": lambda: length_section(dev, copy_bw, args.smoke),
          "attention": lambda: attention_section(dev, copy_bw, args.smoke),
+         "ws": lambda: ws_section(dev, copy_bw, args.smoke),
+         "wsfixed": lambda: wsfixed_section(dev, copy_bw, args.smoke),
+         "wstiming": lambda: wstiming_section(dev, copy_bw, args.smoke),
          "e2e": lambda: e2e_section(dev, copy_bw, args.smoke)}[section]()
         (out / "decode_select.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print("\n" + table(), flush=True)

@@ -1,0 +1,419 @@
+"""Hopper (sm_90) stage 1 of the absorbed-MLA decode, warp-specialised, in Gluon.
+
+Same contract and partial outputs as `mla_decode._stage1_fn` (float32 ``O_part [B, M, splits', r]`` normalised,
+base-2 ``Lse [B, M, splits']``), so the split chooser and the merge kernel of `mla_decode` are shared. Only the
+bare call is handled (no mask, no length: causal, aligned at the end), in bfloat16/float16, with the DeepSeek
+geometry ``r = 512``, ``d_rope = 64`` and at most 32 query rows (``T·H``); `supported` says when.
+
+Why another stage 1: the Triton kernel runs everything in the same four warps, one tile after the other; its
+asynchronous copies are issued by the warps that multiply, and the next copies only start once a tile's products
+are done. On an H200 its tile loop streams at about 88% of the copy bandwidth with one block per SM
+(bench/results/decode.md). Here each block has
+
+* a **loader** (one warp): tensor-memory-accelerator (TMA) copies of ``[64 tokens, 64 channels]`` chunks of the
+  cache (8 KiB each: the rope key, then the 8 latent chunks of a tile) into a ring of ``NBUF`` slots, each slot
+  with a "ready" barrier (the copy's bytes arrived) and an "empty" barrier (its reader is done). It runs ahead of
+  the multiplying warps by up to the whole ring, and costs them no instructions.
+* one or two **consumers** (one warpgroup each): token-major warpgroup MMA as in commit 65d8ae3's Gluon kernel,
+  scores ``Sᵀ [64 tokens, rows] = K · Qᵀ`` (the MMA's M is the tile's 64 tokens; a decode step has only
+  ``rows <= 32``), an online softmax over the tile's tokens, output ``Oᵀ [512, rows] += Vᵀ · Pᵀ`` as eight
+  ``[64, rows]`` accumulators. With two consumers they take alternate tiles (ping-pong): one's softmax runs
+  while the other's products do; each writes its own partial (split ``2·s + c``), which the merge combines.
+
+Tokens past the split's end in its last tile are masked out of the softmax; the copies of a tile past the end of
+the cache (the last batch row's) are zero-filled by the TMA unit. The rows of the next batch row that a copy
+reads past ``S`` are finite cache contents whose probability is 0.
+
+Gluon has no CPU interpreter: `tests/test_kernel_compile.py` compiles this kernel for sm_90a on the CPU, and its
+numerics are checked against the PyTorch reference on a Hopper GPU by `bench/decode.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except Exception:  # pragma: no cover - triton absent or without Gluon
+    gluon = None
+
+DEFAULT_NBUF = 20  # ring slots of 8 KiB (with the 36 KiB of queries and the P tiles: within 227 KiB)
+TILE_TOKENS = 64  # tokens per tile: the M of one warpgroup MMA
+ROW_BLOCK = 32  # query rows per program (padded)
+
+
+def available() -> bool:
+    return gluon is not None
+
+
+def supported(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+              mask: torch.Tensor | None, kv_len: torch.Tensor | None) -> bool:
+    """Whether this kernel takes the call: a CUDA GPU of compute capability 9.x, the bare call (no mask, no
+    length), a 16-bit cache with ``r = 512`` and ``d_rope = 64`` whose rows can be addressed as one 2-D tensor of
+    ``B·S`` tokens (TMA descriptors), at most 32 query rows."""
+    if gluon is None or not latent.is_cuda or mask is not None or kv_len is not None:
+        return False
+    if torch.version.hip is not None or torch.cuda.get_device_capability(latent.device)[0] != 9:
+        return False
+    b, t, h, r = q_lat.shape
+    s = latent.shape[1]
+    if latent.dtype not in (torch.bfloat16, torch.float16) or k_rope.dtype != latent.dtype:
+        return False
+    if r != 512 or k_rope.shape[-1] != 64 or t * h > ROW_BLOCK:
+        return False
+    for x in (latent, k_rope):
+        # a 2-D view [B·S, channels]: batch rows one after the other, 16-byte aligned rows and base
+        if x.stride(-1) != 1 or (b > 1 and x.stride(0) != s * x.stride(1)):
+            return False
+        if (x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16:
+            return False
+    return True
+
+
+if gluon is not None:
+    BLOCK_N = gl.constexpr(TILE_TOKENS)
+    CHUNK = gl.constexpr(64)  # channels per ring slot (128 bytes of a 16-bit dtype: one 128-byte swizzle row)
+    ROWS = gl.constexpr(ROW_BLOCK)
+
+    @gluon.jit
+    def _pdl_enter():
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _now():
+        """The global nanosecond timer (for `launch_stage1(timing=...)` only)."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                         pack=1)
+
+    @gluon.jit
+    def _loader(c_desc, r_desc, ring, ready, empty, p_smem, q_smem, q_bar,
+                O_part, Lse, row0, start, end, n_tiles, M, T, kv_len, sm_scale_log2, out_base, lse_base,
+                stride_om, stride_os, stride_lsem, pid_s,
+                NBUF: gl.constexpr, NCONS: gl.constexpr):
+        """One warp: every chunk of the split's tiles, in order, into the ring (waits for its slot to be empty)."""
+        nbytes: gl.constexpr = BLOCK_N * CHUNK * 2
+        for i in range(n_tiles):
+            tok = row0 + start + i * BLOCK_N
+            for p in gl.static_range(9):
+                k = i * 9 + p
+                slot = k % NBUF
+                # a fresh barrier counts as having completed the phase before phase 0: the first round passes
+                mbarrier.wait(empty.index(slot), ((k // NBUF) & 1) ^ 1)
+                mbarrier.expect(ready.index(slot), nbytes)
+                if p == 0:
+                    tma.async_copy_global_to_shared(r_desc, [tok, 0], ready.index(slot), ring.index(slot))
+                else:
+                    tma.async_copy_global_to_shared(c_desc, [tok, (p - 1) * CHUNK], ready.index(slot),
+                                                    ring.index(slot))
+
+    @gluon.jit
+    def _issue_scores(ring, ready, q_smem, i, NBUF: gl.constexpr, mma: gl.constexpr):
+        """Issue tile ``i``'s scores ``Sᵀ = Σ_p K_p · Q_pᵀ`` (rope chunk, then the 8 latent chunks), each chunk's
+        product as soon as its copy has landed; asynchronous: 9 MMA groups the caller waits for."""
+        base = i * 9
+        s = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
+        for p in gl.static_range(9):
+            slot = (base + p) % NBUF
+            mbarrier.wait(ready.index(slot), ((base + p) // NBUF) & 1)
+            s = warpgroup_mma(ring.index(slot), q_smem.index(p).permute((1, 0)), s, use_acc=p > 0, is_async=True)
+        return s
+
+    @gluon.jit
+    def _softmax_to_smem(s, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i, sm_scale_log2):
+        """Online softmax over tile ``i``'s tokens (axis 0 of ``Sᵀ``); the probabilities go to ``p_buf`` as the
+        output products' B operand. Returns the running maximum, sum and this tile's rescale factor."""
+        offs = start + i * BLOCK_N + tok0
+        valid = (offs < end)[:, None] & (offs[:, None] < row_limit[None, :]) & row_ok[None, :]
+        qk = gl.where(valid, s * sm_scale_log2, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, 0))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep exp2 finite
+        alpha = gl.exp2(m_i - m_safe)
+        p_t = gl.exp2(qk - m_safe[None, :])
+        l_new = l_i * alpha + gl.sum(p_t, 0)
+        p_buf.store(p_t.to(p_buf.dtype))
+        fence_async_shared()  # the generic-proxy store, then the MMA's async-proxy read
+        return m_new, l_new, alpha
+
+    @gluon.jit
+    def _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7, NBUF: gl.constexpr):
+        """Issue ``Oᵀ_c = α·Oᵀ_c + V_cᵀ · Pᵀ`` for the 8 latent chunks of tile ``i`` (asynchronous: 8 groups)."""
+        base = i * 9
+        a = alpha[None, :]
+        o0 = warpgroup_mma(ring.index((base + 1) % NBUF).permute((1, 0)), p_buf, o0 * a, is_async=True)
+        o1 = warpgroup_mma(ring.index((base + 2) % NBUF).permute((1, 0)), p_buf, o1 * a, is_async=True)
+        o2 = warpgroup_mma(ring.index((base + 3) % NBUF).permute((1, 0)), p_buf, o2 * a, is_async=True)
+        o3 = warpgroup_mma(ring.index((base + 4) % NBUF).permute((1, 0)), p_buf, o3 * a, is_async=True)
+        o4 = warpgroup_mma(ring.index((base + 5) % NBUF).permute((1, 0)), p_buf, o4 * a, is_async=True)
+        o5 = warpgroup_mma(ring.index((base + 6) % NBUF).permute((1, 0)), p_buf, o5 * a, is_async=True)
+        o6 = warpgroup_mma(ring.index((base + 7) % NBUF).permute((1, 0)), p_buf, o6 * a, is_async=True)
+        o7 = warpgroup_mma(ring.index((base + 8) % NBUF).permute((1, 0)), p_buf, o7 * a, is_async=True)
+        return o0, o1, o2, o3, o4, o5, o6, o7
+
+    @gluon.jit
+    def _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF: gl.constexpr, LATER: gl.constexpr):
+        """Wait for tile ``i``'s output products (``LATER`` groups issued after them may stay in flight) and hand
+        its latent chunks back to the loader, the first four as soon as their products are done."""
+        base = i * 9
+        o0, o1, o2, o3 = warpgroup_mma_wait(num_outstanding=4 + LATER, deps=(o0, o1, o2, o3))
+        for p in gl.static_range(1, 5):
+            mbarrier.arrive(empty.index((base + p) % NBUF), count=1)
+        o4, o5, o6, o7 = warpgroup_mma_wait(num_outstanding=LATER, deps=(o4, o5, o6, o7))
+        for p in gl.static_range(5, 9):
+            mbarrier.arrive(empty.index((base + p) % NBUF), count=1)
+        return o0, o1, o2, o3, o4, o5, o6, o7
+
+    @gluon.jit
+    def _consume(ring, ready, empty, p_buf, q_smem, O_part, Lse, start, end, n_tiles, M, T, kv_len,
+                 sm_scale_log2, out_base, lse_base, stride_om, stride_lsem, split_out,
+                 FIRST: gl.constexpr, NBUF: gl.constexpr, NCONS: gl.constexpr, Timing=None,
+                 TIMING: gl.constexpr = False, PIPE: gl.constexpr = False):
+        """One warpgroup: tiles ``FIRST, FIRST + NCONS, ...`` of the split; writes its normalised partial output
+        and log-sum-exp at split index ``split_out``.
+
+        ``PIPE`` (one consumer): the next tile's scores are issued right after this tile's output products, so the
+        tensor cores run them back to back; the last iteration issues the last tile's scores once more (its
+        chunks are still in the ring: nothing is loaded after it) and drops them."""
+        dtype: gl.constexpr = ring.dtype
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, ROWS, 16])
+        tok_l: gl.constexpr = gl.SliceLayout(1, mma)
+        row_l: gl.constexpr = gl.SliceLayout(0, mma)
+        rows = gl.arange(0, ROWS, layout=row_l)
+        row_ok = rows < M
+        t_row = rows // (M // T)
+        row_limit = kv_len - T + t_row + 1  # causal limit (aligned at the end)
+        tok0 = gl.arange(0, BLOCK_N, layout=tok_l)
+
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_l)
+        l_i = gl.zeros([ROWS], gl.float32, layout=row_l)
+        o0 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o1 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o2 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o3 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o4 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o5 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o6 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o7 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+
+        t_first = gl.to_tensor(0).to(gl.int64)
+        if PIPE:
+            s = _issue_scores(ring, ready, q_smem, FIRST, NBUF, mma)
+            for i in range(FIRST, n_tiles, NCONS):
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
+                if TIMING:
+                    if i == FIRST:
+                        t_first = _now()
+                m_i, l_i, alpha = _softmax_to_smem(s, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
+                                                   sm_scale_log2)
+                o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5,
+                                                               o6, o7, NBUF)
+                s = _issue_scores(ring, ready, q_smem, gl.minimum(i + 1, n_tiles - 1), NBUF, mma)
+                o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF, 9)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))  # the dropped repeat of the last tile's scores
+        else:
+            for i in range(FIRST, n_tiles, NCONS):
+                s = _issue_scores(ring, ready, q_smem, i, NBUF, mma)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
+                if TIMING:
+                    if i == FIRST:
+                        t_first = _now()
+                m_i, l_i, alpha = _softmax_to_smem(s, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
+                                                   sm_scale_log2)
+                o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5,
+                                                               o6, o7, NBUF)
+                o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF, 0)
+
+        if TIMING:
+            gl.store(Timing + 3, t_first)
+            gl.store(Timing + 4, _now())
+        has = l_i > 0.0
+        inv = (1.0 / gl.where(has, l_i, 1.0))[None, :]
+        lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
+        gl.store(Lse + lse_base + rows * stride_lsem + split_out, lse, mask=row_ok)
+        # straight from the accumulator layout: each group of 4 lanes writes 8 consecutive channels (32 bytes)
+        ch = gl.arange(0, CHUNK, layout=tok_l)
+        o_ptr = O_part + out_base + rows[None, :] * stride_om + ch[:, None]
+        ok = row_ok[None, :]
+        gl.store(o_ptr + 0 * CHUNK, o0 * inv, mask=ok)
+        gl.store(o_ptr + 1 * CHUNK, o1 * inv, mask=ok)
+        gl.store(o_ptr + 2 * CHUNK, o2 * inv, mask=ok)
+        gl.store(o_ptr + 3 * CHUNK, o3 * inv, mask=ok)
+        gl.store(o_ptr + 4 * CHUNK, o4 * inv, mask=ok)
+        gl.store(o_ptr + 5 * CHUNK, o5 * inv, mask=ok)
+        gl.store(o_ptr + 6 * CHUNK, o6 * inv, mask=ok)
+        gl.store(o_ptr + 7 * CHUNK, o7 * inv, mask=ok)
+        if TIMING:
+            gl.store(Timing + 5, _now())
+
+    @gluon.jit
+    def _load_queries(QL, QR, q_smem, b, H, M, stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt,
+                      stride_qrh):
+        """The program's ``M <= 32`` query rows into 9 ``[32, 64]`` chunks (rope first), rows past ``M`` zero."""
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        q_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
+        q_ch = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, ld))
+        q_t = q_rows // H
+        q_h = q_rows - q_t * H
+        q_ok = (q_rows < M)[:, None]
+        # every load issued before the first store: the copies are in flight together (one after the other,
+        # behind the loader's stream, they took ~7.5 µs on an H200; decode_select.run15)
+        q_base = QL + b * stride_qlb + (q_t * stride_qlt + q_h * stride_qlh)[:, None] + q_ch[None, :]
+        qr = gl.load(QR + b * stride_qrb + (q_t * stride_qrt + q_h * stride_qrh)[:, None] + q_ch[None, :],
+                     mask=q_ok, other=0.0)
+        q0 = gl.load(q_base + 0 * CHUNK, mask=q_ok, other=0.0)
+        q1 = gl.load(q_base + 1 * CHUNK, mask=q_ok, other=0.0)
+        q2 = gl.load(q_base + 2 * CHUNK, mask=q_ok, other=0.0)
+        q3 = gl.load(q_base + 3 * CHUNK, mask=q_ok, other=0.0)
+        q4 = gl.load(q_base + 4 * CHUNK, mask=q_ok, other=0.0)
+        q5 = gl.load(q_base + 5 * CHUNK, mask=q_ok, other=0.0)
+        q6 = gl.load(q_base + 6 * CHUNK, mask=q_ok, other=0.0)
+        q7 = gl.load(q_base + 7 * CHUNK, mask=q_ok, other=0.0)
+        q_smem.index(0).store(qr)
+        q_smem.index(1).store(q0)
+        q_smem.index(2).store(q1)
+        q_smem.index(3).store(q2)
+        q_smem.index(4).store(q3)
+        q_smem.index(5).store(q4)
+        q_smem.index(6).store(q5)
+        q_smem.index(7).store(q6)
+        q_smem.index(8).store(q7)
+        fence_async_shared()
+
+    @gluon.jit
+    def _consumer0(QL, QR, b, H, stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
+                   ring, ready, empty, p_smem, q_smem, q_bar, O_part, Lse, start, end, n_tiles, M, T, kv_len,
+                   sm_scale_log2, out_base, lse_base, stride_om, stride_os, stride_lsem, pid_s,
+                   NBUF: gl.constexpr, NCONS: gl.constexpr, Timing, TIMING: gl.constexpr, PIPE: gl.constexpr):
+        """The default partition: loads the queries (the loader is already streaming), lets the second consumer
+        go, then consumes its tiles."""
+        _load_queries(QL, QR, q_smem, b, H, M, stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt,
+                      stride_qrh)
+        if TIMING:
+            gl.store(Timing + 2, _now())
+        if NCONS == 2:
+            mbarrier.arrive(q_bar, count=1)
+        _consume(ring, ready, empty, p_smem.index(0), q_smem, O_part, Lse, start, end, n_tiles, M, T, kv_len,
+                 sm_scale_log2, out_base + (pid_s * NCONS) * stride_os, lse_base, stride_om, stride_lsem,
+                 pid_s * NCONS, 0, NBUF, NCONS, Timing, TIMING, PIPE and NCONS == 1)
+
+    @gluon.jit
+    def _consumer1(c_desc, r_desc, ring, ready, empty, p_smem, q_smem, q_bar,
+                   O_part, Lse, row0, start, end, n_tiles, M, T, kv_len, sm_scale_log2, out_base, lse_base,
+                   stride_om, stride_os, stride_lsem, pid_s,
+                   NBUF: gl.constexpr, NCONS: gl.constexpr):
+        """The second consumer (a worker partition: the loader's signature): the odd tiles, once the queries
+        are in shared memory."""
+        mbarrier.wait(q_bar, 0)
+        _consume(ring, ready, empty, p_smem.index(1), q_smem, O_part, Lse, start, end, n_tiles, M, T, kv_len,
+                 sm_scale_log2, out_base + (pid_s * NCONS + 1) * stride_os, lse_base, stride_om, stride_lsem,
+                 pid_s * NCONS + 1, 1, NBUF, NCONS)
+
+    @gluon.jit
+    def _stage1_ws(
+        QL, QR, c_desc, r_desc, O_part, Lse,
+        stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
+        stride_ob, stride_om, stride_os,
+        stride_lseb, stride_lsem,
+        S, T, H, M, split_len, sm_scale_log2, Timing,
+        NBUF: gl.constexpr, NCONS: gl.constexpr, PDL: gl.constexpr, TIMING: gl.constexpr = False,
+        PIPE: gl.constexpr = False,
+    ):
+        # TIMING (a diagnostic): each program writes 8 int64 to Timing[program]: global-timer nanoseconds at
+        # entry, after the PDL wait, queries stored, first tile's scores done, loop done, partial written; its SM
+        if TIMING:
+            Timing = Timing + (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)) * 8
+            gl.store(Timing + 0, _now())
+            gl.store(Timing + 6, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32,
+                                                           is_pure=False, pack=1).to(gl.int64))
+        if PDL:
+            _pdl_enter()
+        if TIMING:
+            gl.store(Timing + 1, _now())
+        dtype: gl.constexpr = c_desc.dtype
+        pid_s = gl.program_id(0)
+        b = gl.program_id(1)
+        start = pid_s * split_len
+        end = gl.minimum(start + split_len, S)
+        n_tiles = gl.cdiv(end - start, BLOCK_N)
+        row0 = b * S  # the batch row's first token in the [B·S, channels] view
+
+        ring = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, CHUNK], c_desc.layout)
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, CHUNK], dtype)
+        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROWS], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [9, ROWS, CHUNK], q_sl)
+        p_smem = gl.allocate_shared_memory(dtype, [NCONS, BLOCK_N, ROWS], p_sl)
+        ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        for k in gl.static_range(NBUF):
+            mbarrier.init(ready.index(k), count=1)
+            mbarrier.init(empty.index(k), count=1)
+        mbarrier.init(q_bar.index(0), count=1)
+        fence_async_shared()
+
+        b64 = b.to(gl.int64)
+        out_base = b64 * stride_ob
+        lse_base = b64 * stride_lseb
+        kv_len = S
+        worker_args = (c_desc, r_desc, ring, ready, empty, p_smem, q_smem, q_bar.index(0),
+                       O_part, Lse, row0, start, end, n_tiles, M, T, kv_len, sm_scale_log2, out_base, lse_base,
+                       stride_om, stride_os, stride_lsem, pid_s, NBUF, NCONS)
+        default_args = (QL, QR, b64, H, stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
+                        ring, ready, empty, p_smem, q_smem, q_bar.index(0), O_part, Lse, start, end, n_tiles, M,
+                        T, kv_len, sm_scale_log2, out_base, lse_base, stride_om, stride_os, stride_lsem, pid_s,
+                        NBUF, NCONS, Timing, TIMING, PIPE)
+        if NCONS == 2:
+            gl.warp_specialize([(_consumer0, default_args), (_consumer1, worker_args), (_loader, worker_args)],
+                               [4, 1], [240, 24])
+        else:
+            gl.warp_specialize([(_consumer0, default_args), (_loader, worker_args)], [1], [24])
+
+
+def nvmma_layout(dtype: torch.dtype):
+    """The shared-memory layout of one ``[64 tokens, 64 channels]`` ring slot (128-byte swizzle)."""
+    return gl.NVMMASharedLayout.get_default_for([TILE_TOKENS, 64], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+def descriptors(latent: torch.Tensor, k_rope: torch.Tensor):
+    """TMA descriptors of the latent and rope caches as 2-D ``[B·S, channels]`` tensors, ``[64, 64]`` boxes."""
+    b, s, r = latent.shape
+    layout = nvmma_layout(latent.dtype)
+    c_desc = TensorDescriptor(latent, [b * s, r], [latent.stride(1), 1], [TILE_TOKENS, 64], layout)
+    r_desc = TensorDescriptor(k_rope, [b * s, k_rope.shape[-1]], [k_rope.stride(1), 1], [TILE_TOKENS, 64], layout)
+    return c_desc, r_desc
+
+
+def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
+                  *, nbuf: int = DEFAULT_NBUF, consumers: int = 1, pdl: bool = False, pipe: bool = False,
+                  timing: torch.Tensor | None = None) -> None:
+    """Launch stage 1 over grid ``(num_splits, B)``; ``o_part``/``lse`` hold ``num_splits · consumers``
+    partials per row. ``timing`` (a diagnostic, int64 ``[B · num_splits, 8]``): per-program timestamps, see
+    `_stage1_ws`."""
+    b, s = latent.shape[0], latent.shape[1]
+    c_desc, r_desc = descriptors(latent, k_rope)
+    kw = {"launch_pdl": True} if pdl else {}
+    # 4 + 4 + 1 warps (three warpgroups' registers): 168 per thread overall, 232 for each consumer, 24 for the
+    # loader's warpgroup; with one consumer two warpgroups, 256 each at most
+    maxnreg = 168 if consumers == 2 else None  # (240 + 240 + 24) · 128 registers <= 168 · 384
+    _stage1_ws[(num_splits, b)](
+        ql, qr, c_desc, r_desc, o_part, lse,
+        ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1),
+        s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
+        NBUF=nbuf, NCONS=consumers, PDL=pdl, TIMING=timing is not None, PIPE=pipe, num_warps=4, maxnreg=maxnreg, **kw,
+    )
