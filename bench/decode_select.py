@@ -188,9 +188,7 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     from transmla_surgery.kernels import mla_decode as md
 
     one = md.DEFAULT_CONFIG
-    ws_variants = [("ws c1", replace(one, ws_consumers=1)), ("ws c1 pipe", replace(one, ws_consumers=1, ws_pipe=True)),
-                   ("ws c1 nbuf22 pipe", replace(one, ws_consumers=1, ws_nbuf=22, ws_pipe=True)),
-                   ("ws c2", replace(one, ws_consumers=2))]
+    ws_variants = [("ws 20 slots", replace(one, ring_slots=20)), ("ws 22 slots", replace(one, ring_slots=22))]
     heads, r, dr = 32, 512, 64
     # (batch, query tokens, heads, context, dtype, explicit splits, cache as views of one [B, S, 576] buffer)
     cases = [(4, 1, 32, 4099, torch.bfloat16, None, True), (2, 1, 32, 64, torch.bfloat16, None, False),
@@ -265,14 +263,14 @@ def wsfixed_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
 
     heads, r, dr = 32, 512, 64
     dtype = torch.bfloat16
-    cfg_ws = replace(md.DEFAULT_CONFIG, ws_consumers=1, ws_nbuf=20)
+    cfg_ws = replace(md.DEFAULT_CONFIG, ring_slots=20)
     x = torch.zeros(16, device=dev)
     ms = D.time_graph(lambda: x.add_(1), dev, reps=50)
     ROWS.append(dict(kind="wsfixed", what="empty graph (one tiny kernel)", us=ms * 1e3))
     log(f"wsfixed: one tiny kernel per replay {ms * 1e3:6.1f} us")
     layers = 8
     b = 16
-    for s in (64, 1024, 2048, 4096, 8192, 16384, 32768):
+    for s in (64, 2048, 8192, 32768):
         nbytes = b * s * (r + dr) * 2
         q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
         q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
@@ -288,7 +286,7 @@ def wsfixed_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
 
         def stage1(kv):
             md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads, split_len,
-                                 splits, 0.1, nbuf=20, consumers=1, pdl=True)
+                                 splits, 0.1, nbuf=20, pdl=True)
 
         timings = {
             "ws whole, 1 per graph": D.time_graph(lambda: whole(kvs[0], cfg_ws), dev, reps=50),
@@ -303,7 +301,7 @@ def wsfixed_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                              fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
             log(f"wsfixed B={b} S={s:6d} splits={splits:2d} {what:32s} {ms * 1e3:8.1f} us ({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
         if s == 8192:
-            for sp in (4, 6, 8, 11, 16, 32):
+            for sp in (8,):
                 for label, cfg in (("ws", cfg_ws), ("triton 1/SM", md.DEFAULT_CONFIG)):
                     ms = D.time_graph(lambda: [md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], 0.07, num_splits=sp, config=cfg) for kv in kvs], dev, reps=20, inner=layers)
                     ROWS.append(dict(kind="wsfixed", what=f"{label} splits={sp}, 8 per graph", batch=b, context=s, splits=sp,
@@ -322,7 +320,7 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     heads, r, dr = 32, 512, 64
     dtype = torch.bfloat16
     layers = 8
-    for b, s, pipe in ((16, 8192, False), (16, 8192, True), (64, 8192, False), (64, 8192, True)):
+    for b, s, pipe in ((16, 8192, False), (64, 8192, False)):
         q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
         q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
         kvs = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(layers)]
@@ -336,8 +334,7 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         def run():
             for i, kv in enumerate(kvs):
                 md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads,
-                                     split_len, splits, 0.1, nbuf=20, consumers=1, pdl=True, pipe=pipe,
-                                     timing=stamps[i])
+                                     split_len, splits, 0.1, nbuf=20, pdl=True, timing=stamps[i])
 
         ms = D.time_graph(run, dev, reps=10, inner=layers)
         st = stamps.double().cpu()

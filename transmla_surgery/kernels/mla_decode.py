@@ -112,12 +112,10 @@ class KernelConfig:
     # program of a table (`_streamed_segments`), the second segments ordered longest first so that they go to
     # the slots whose first segment was shortest. No part-full last wave.
     streamed: bool = False
-    # Warp-specialised Gluon stage 1 (`mla_decode_ws`, Hopper only, the bare call): 0 = off, else the number of
-    # multiplying warpgroups (1 or 2) beside one loader warp; ``ws_nbuf`` ring slots of 8 KiB. Where it does not
-    # apply the Triton stage 1 runs with the other fields.
-    ws_consumers: int = 0
-    ws_nbuf: int = 20
-    ws_pipe: bool = False  # one consumer: the next tile's scores issued behind this tile's output products
+    # Warp-specialised Gluon stage 1 (`mla_decode_ws`: a TMA loader warp and a warpgroup-MMA warpgroup; Hopper,
+    # the bare call): with ``ring_slots`` > 0 it runs with that many 8 KiB ring slots where it applies (the split
+    # schedule; ``block_n``/``num_warps``/``num_stages`` do not apply to it), the Triton stage 1 elsewhere.
+    ring_slots: int = 0
 
 
 # Default launch parameters, from `bench/decode.py` on an H200 (bench/results/decode.md, runs 3 and 4): 64-token
@@ -492,7 +490,7 @@ def decode_attention_triton(
     tiles_per_row, programs = triton.cdiv(s, cfg.block_n), slots // head_blocks
     # with a length bound the streamed schedule measured 25-35% slower than the split one on an H200 (its loop
     # compiles the same; decode.md, run 8), so calls with a length take splits
-    use_ws = (cfg.ws_consumers > 0 and not interpret and _ws.supported(q_lat, q_rope, latent, k_rope, mask, kv_len))
+    use_ws = cfg.ring_slots > 0 and not interpret and _ws.supported(q_lat, q_rope, latent, k_rope, mask, kv_len)
     streamed = (cfg.streamed and not use_ws and num_splits is None and kv_len is None
                 and b <= programs < b * tiles_per_row)
     if streamed and latent.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -512,9 +510,8 @@ def decode_attention_triton(
         split_len = triton.cdiv(triton.cdiv(s, num_splits), cfg.block_n) * cfg.block_n
         num_splits = max(1, triton.cdiv(s, split_len))
 
-    partials = num_splits * (cfg.ws_consumers if use_ws else 1)  # each consumer warpgroup writes its own
-    o_part = torch.empty(b, m_rows, partials, r, device=ql.device, dtype=torch.float32)
-    lse = torch.empty(b, m_rows, partials, device=ql.device, dtype=torch.float32)
+    o_part = torch.empty(b, m_rows, num_splits, r, device=ql.device, dtype=torch.float32)
+    lse = torch.empty(b, m_rows, num_splits, device=ql.device, dtype=torch.float32)
     # the output is written head-major (`[H, B, T, r]` storage, returned as a `[B, T, H, r]` view): the
     # per-head up-projection that follows (`absorbed.expand_output`) then reads it without a copy
     out = torch.empty(h, b, t, r, device=ql.device, dtype=dtype).permute(1, 2, 0, 3)
@@ -551,7 +548,7 @@ def decode_attention_triton(
         passes = [(3, 1), (1, 2)]
     if use_ws:
         _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, scale * LOG2E,
-                          nbuf=cfg.ws_nbuf, consumers=cfg.ws_consumers, pdl=pdl, pipe=cfg.ws_pipe)
+                          nbuf=cfg.ring_slots, pdl=pdl)
         passes = []
     try:
         for pass_mask, pass_prefix in passes:
@@ -579,7 +576,6 @@ def decode_attention_triton(
                    else replace(SAFE_CONFIG, pdl=cfg.pdl))
         return decode_attention_triton(q_lat, q_rope, latent, k_rope, scale, mask, kv_len,
                                        num_splits=requested_splits, config=smaller)
-    num_splits = partials
     block_s = max(2, triton.next_power_of_2(num_splits))
     stage2[(m_rows, b)](
         o_part, lse, out, counts if streamed else lse,

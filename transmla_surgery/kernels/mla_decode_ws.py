@@ -98,11 +98,9 @@ if gluon is not None:
                                          pack=1)
 
     @gluon.jit
-    def _loader(c_desc, r_desc, ring, ready, empty, p_smem, q_smem, q_bar,
-                O_part, Lse, row0, start, end, n_tiles, M, T, kv_len, sm_scale_log2, out_base, lse_base,
-                stride_om, stride_os, stride_lsem, pid_s,
-                NBUF: gl.constexpr, NCONS: gl.constexpr):
-        """One warp: every chunk of the split's tiles, in order, into the ring (waits for its slot to be empty)."""
+    def _loader(c_desc, r_desc, ring, ready, empty, row0, start, n_tiles, NBUF: gl.constexpr):
+        """The loader warp: every chunk of the split's tiles, in order, into the ring (each waits for its slot
+        to be handed back)."""
         nbytes: gl.constexpr = BLOCK_N * CHUNK * 2
         for i in range(n_tiles):
             tok = row0 + start + i * BLOCK_N
@@ -175,17 +173,20 @@ if gluon is not None:
         return o0, o1, o2, o3, o4, o5, o6, o7
 
     @gluon.jit
-    def _consume(ring, ready, empty, p_buf, q_smem, O_part, Lse, start, end, n_tiles, M, T, kv_len,
-                 sm_scale_log2, out_base, lse_base, stride_om, stride_lsem, split_out,
-                 FIRST: gl.constexpr, NBUF: gl.constexpr, NCONS: gl.constexpr, Timing=None,
-                 TIMING: gl.constexpr = False, PIPE: gl.constexpr = False):
-        """One warpgroup: tiles ``FIRST, FIRST + NCONS, ...`` of the split; writes its normalised partial output
-        and log-sum-exp at split index ``split_out``.
-
-        ``PIPE`` (one consumer): the next tile's scores are issued right after this tile's output products, so the
-        tensor cores run them back to back; the last iteration issues the last tile's scores once more (its
-        chunks are still in the ring: nothing is loaded after it) and drops them."""
+    def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, start, end, n_tiles, M, T, kv_len,
+                  sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, NBUF: gl.constexpr,
+                  TIMING: gl.constexpr):
+        """The multiplying warpgroup (the default partition): stores the queries, whose loads were issued before
+        the loader started, then runs the split's tiles and writes the normalised partial output ``O_part``
+        (``o_base`` + row · ``stride_om`` + channel) and the base-2 log-sum-exp (``lse_base`` + row ·
+        ``stride_lsem``)."""
         dtype: gl.constexpr = ring.dtype
+        for c in gl.static_range(9):
+            q_smem.index(c).store(q_chunks[c])
+        fence_async_shared()
+        if TIMING:
+            gl.store(Timing + 2, _now())
+
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, ROWS, 16])
         tok_l: gl.constexpr = gl.SliceLayout(1, mma)
@@ -206,47 +207,30 @@ if gluon is not None:
         o5 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
         o6 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
         o7 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
-
         t_first = gl.to_tensor(0).to(gl.int64)
-        if PIPE:
-            s = _issue_scores(ring, ready, q_smem, FIRST, NBUF, mma)
-            for i in range(FIRST, n_tiles, NCONS):
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-                mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
-                if TIMING:
-                    if i == FIRST:
-                        t_first = _now()
-                m_i, l_i, alpha = _softmax_to_smem(s, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
-                                                   sm_scale_log2)
-                o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5,
-                                                               o6, o7, NBUF)
-                s = _issue_scores(ring, ready, q_smem, gl.minimum(i + 1, n_tiles - 1), NBUF, mma)
-                o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF, 9)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))  # the dropped repeat of the last tile's scores
-        else:
-            for i in range(FIRST, n_tiles, NCONS):
-                s = _issue_scores(ring, ready, q_smem, i, NBUF, mma)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-                mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
-                if TIMING:
-                    if i == FIRST:
-                        t_first = _now()
-                m_i, l_i, alpha = _softmax_to_smem(s, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
-                                                   sm_scale_log2)
-                o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5,
-                                                               o6, o7, NBUF)
-                o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF, 0)
-
+        for i in range(n_tiles):
+            s = _issue_scores(ring, ready, q_smem, i, NBUF, mma)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
+            if TIMING:
+                if i == 0:
+                    t_first = _now()
+            m_i, l_i, alpha = _softmax_to_smem(s, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
+                                               sm_scale_log2)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7,
+                                                           NBUF)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF, 0)
         if TIMING:
             gl.store(Timing + 3, t_first)
             gl.store(Timing + 4, _now())
+
         has = l_i > 0.0
         inv = (1.0 / gl.where(has, l_i, 1.0))[None, :]
         lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
-        gl.store(Lse + lse_base + rows * stride_lsem + split_out, lse, mask=row_ok)
+        gl.store(Lse + lse_base + rows * stride_lsem, lse, mask=row_ok)
         # straight from the accumulator layout: each group of 4 lanes writes 8 consecutive channels (32 bytes)
         ch = gl.arange(0, CHUNK, layout=tok_l)
-        o_ptr = O_part + out_base + rows[None, :] * stride_om + ch[:, None]
+        o_ptr = O_part + o_base + rows[None, :] * stride_om + ch[:, None]
         ok = row_ok[None, :]
         gl.store(o_ptr + 0 * CHUNK, o0 * inv, mask=ok)
         gl.store(o_ptr + 1 * CHUNK, o1 * inv, mask=ok)
@@ -260,80 +244,17 @@ if gluon is not None:
             gl.store(Timing + 5, _now())
 
     @gluon.jit
-    def _load_queries(QL, QR, q_smem, b, H, M, stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt,
-                      stride_qrh):
-        """The program's ``M <= 32`` query rows into 9 ``[32, 64]`` chunks (rope first), rows past ``M`` zero."""
-        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        q_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
-        q_ch = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, ld))
-        q_t = q_rows // H
-        q_h = q_rows - q_t * H
-        q_ok = (q_rows < M)[:, None]
-        # every load issued before the first store: the copies are in flight together (one after the other,
-        # behind the loader's stream, they took ~7.5 µs on an H200; decode_select.run15)
-        q_base = QL + b * stride_qlb + (q_t * stride_qlt + q_h * stride_qlh)[:, None] + q_ch[None, :]
-        qr = gl.load(QR + b * stride_qrb + (q_t * stride_qrt + q_h * stride_qrh)[:, None] + q_ch[None, :],
-                     mask=q_ok, other=0.0)
-        q0 = gl.load(q_base + 0 * CHUNK, mask=q_ok, other=0.0)
-        q1 = gl.load(q_base + 1 * CHUNK, mask=q_ok, other=0.0)
-        q2 = gl.load(q_base + 2 * CHUNK, mask=q_ok, other=0.0)
-        q3 = gl.load(q_base + 3 * CHUNK, mask=q_ok, other=0.0)
-        q4 = gl.load(q_base + 4 * CHUNK, mask=q_ok, other=0.0)
-        q5 = gl.load(q_base + 5 * CHUNK, mask=q_ok, other=0.0)
-        q6 = gl.load(q_base + 6 * CHUNK, mask=q_ok, other=0.0)
-        q7 = gl.load(q_base + 7 * CHUNK, mask=q_ok, other=0.0)
-        q_smem.index(0).store(qr)
-        q_smem.index(1).store(q0)
-        q_smem.index(2).store(q1)
-        q_smem.index(3).store(q2)
-        q_smem.index(4).store(q3)
-        q_smem.index(5).store(q4)
-        q_smem.index(6).store(q5)
-        q_smem.index(7).store(q6)
-        q_smem.index(8).store(q7)
-        fence_async_shared()
-
-    @gluon.jit
-    def _consumer0(QL, QR, b, H, stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
-                   ring, ready, empty, p_smem, q_smem, q_bar, O_part, Lse, start, end, n_tiles, M, T, kv_len,
-                   sm_scale_log2, out_base, lse_base, stride_om, stride_os, stride_lsem, pid_s,
-                   NBUF: gl.constexpr, NCONS: gl.constexpr, Timing, TIMING: gl.constexpr, PIPE: gl.constexpr):
-        """The default partition: loads the queries (the loader is already streaming), lets the second consumer
-        go, then consumes its tiles."""
-        _load_queries(QL, QR, q_smem, b, H, M, stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt,
-                      stride_qrh)
-        if TIMING:
-            gl.store(Timing + 2, _now())
-        if NCONS == 2:
-            mbarrier.arrive(q_bar, count=1)
-        _consume(ring, ready, empty, p_smem.index(0), q_smem, O_part, Lse, start, end, n_tiles, M, T, kv_len,
-                 sm_scale_log2, out_base + (pid_s * NCONS) * stride_os, lse_base, stride_om, stride_lsem,
-                 pid_s * NCONS, 0, NBUF, NCONS, Timing, TIMING, PIPE and NCONS == 1)
-
-    @gluon.jit
-    def _consumer1(c_desc, r_desc, ring, ready, empty, p_smem, q_smem, q_bar,
-                   O_part, Lse, row0, start, end, n_tiles, M, T, kv_len, sm_scale_log2, out_base, lse_base,
-                   stride_om, stride_os, stride_lsem, pid_s,
-                   NBUF: gl.constexpr, NCONS: gl.constexpr):
-        """The second consumer (a worker partition: the loader's signature): the odd tiles, once the queries
-        are in shared memory."""
-        mbarrier.wait(q_bar, 0)
-        _consume(ring, ready, empty, p_smem.index(1), q_smem, O_part, Lse, start, end, n_tiles, M, T, kv_len,
-                 sm_scale_log2, out_base + (pid_s * NCONS + 1) * stride_os, lse_base, stride_om, stride_lsem,
-                 pid_s * NCONS + 1, 1, NBUF, NCONS)
-
-    @gluon.jit
     def _stage1_ws(
         QL, QR, c_desc, r_desc, O_part, Lse,
         stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
         stride_ob, stride_om, stride_os,
         stride_lseb, stride_lsem,
         S, T, H, M, split_len, sm_scale_log2, Timing,
-        NBUF: gl.constexpr, NCONS: gl.constexpr, PDL: gl.constexpr, TIMING: gl.constexpr = False,
-        PIPE: gl.constexpr = False,
+        NBUF: gl.constexpr, PDL: gl.constexpr, TIMING: gl.constexpr = False,
     ):
-        # TIMING (a diagnostic): each program writes 8 int64 to Timing[program]: global-timer nanoseconds at
-        # entry, after the PDL wait, queries stored, first tile's scores done, loop done, partial written; its SM
+        """Grid ``(splits, B)``. ``TIMING`` (a diagnostic): each program writes 8 int64 to ``Timing[program]``:
+        global-timer nanoseconds at entry, after the PDL wait, queries stored, first tile's scores done, loop
+        done, partial written; then its SM."""
         if TIMING:
             Timing = Timing + (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)) * 8
             gl.store(Timing + 0, _now())
@@ -346,41 +267,51 @@ if gluon is not None:
         dtype: gl.constexpr = c_desc.dtype
         pid_s = gl.program_id(0)
         b = gl.program_id(1)
+        b64 = b.to(gl.int64)
+
+        # The queries' loads go out first, before the barriers are set up and the loader starts: behind the
+        # loader's first copies (160 KiB per SM) they took 4-7 µs on an H200 (decode_select.run15/16)
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        q_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
+        q_ch = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, ld))
+        q_t = q_rows // H
+        q_h = q_rows - q_t * H
+        q_ok = (q_rows < M)[:, None]
+        ql_ptr = QL + b64 * stride_qlb + (q_t * stride_qlt + q_h * stride_qlh)[:, None] + q_ch[None, :]
+        qr = gl.load(QR + b64 * stride_qrb + (q_t * stride_qrt + q_h * stride_qrh)[:, None] + q_ch[None, :],
+                     mask=q_ok, other=0.0)
+        q0 = gl.load(ql_ptr + 0 * CHUNK, mask=q_ok, other=0.0)
+        q1 = gl.load(ql_ptr + 1 * CHUNK, mask=q_ok, other=0.0)
+        q2 = gl.load(ql_ptr + 2 * CHUNK, mask=q_ok, other=0.0)
+        q3 = gl.load(ql_ptr + 3 * CHUNK, mask=q_ok, other=0.0)
+        q4 = gl.load(ql_ptr + 4 * CHUNK, mask=q_ok, other=0.0)
+        q5 = gl.load(ql_ptr + 5 * CHUNK, mask=q_ok, other=0.0)
+        q6 = gl.load(ql_ptr + 6 * CHUNK, mask=q_ok, other=0.0)
+        q7 = gl.load(ql_ptr + 7 * CHUNK, mask=q_ok, other=0.0)
+
         start = pid_s * split_len
         end = gl.minimum(start + split_len, S)
         n_tiles = gl.cdiv(end - start, BLOCK_N)
-        row0 = b * S  # the batch row's first token in the [B·S, channels] view
-
         ring = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, CHUNK], c_desc.layout)
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, CHUNK], dtype)
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROWS], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [9, ROWS, CHUNK], q_sl)
-        p_smem = gl.allocate_shared_memory(dtype, [NCONS, BLOCK_N, ROWS], p_sl)
+        p_buf = gl.allocate_shared_memory(dtype, [BLOCK_N, ROWS], p_sl)
         ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         for k in gl.static_range(NBUF):
             mbarrier.init(ready.index(k), count=1)
             mbarrier.init(empty.index(k), count=1)
-        mbarrier.init(q_bar.index(0), count=1)
         fence_async_shared()
 
-        b64 = b.to(gl.int64)
-        out_base = b64 * stride_ob
-        lse_base = b64 * stride_lseb
-        kv_len = S
-        worker_args = (c_desc, r_desc, ring, ready, empty, p_smem, q_smem, q_bar.index(0),
-                       O_part, Lse, row0, start, end, n_tiles, M, T, kv_len, sm_scale_log2, out_base, lse_base,
-                       stride_om, stride_os, stride_lsem, pid_s, NBUF, NCONS)
-        default_args = (QL, QR, b64, H, stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
-                        ring, ready, empty, p_smem, q_smem, q_bar.index(0), O_part, Lse, start, end, n_tiles, M,
-                        T, kv_len, sm_scale_log2, out_base, lse_base, stride_om, stride_os, stride_lsem, pid_s,
-                        NBUF, NCONS, Timing, TIMING, PIPE)
-        if NCONS == 2:
-            gl.warp_specialize([(_consumer0, default_args), (_consumer1, worker_args), (_loader, worker_args)],
-                               [4, 1], [240, 24])
-        else:
-            gl.warp_specialize([(_consumer0, default_args), (_loader, worker_args)], [1], [24])
+        o_base = b64 * stride_ob + pid_s * stride_os
+        lse_base = b64 * stride_lseb + pid_s  # Lse [B, M, splits], splits contiguous
+        gl.warp_specialize([
+            (_consumer, ((qr, q0, q1, q2, q3, q4, q5, q6, q7), q_smem, ring, ready, empty, p_buf, O_part, Lse,
+                         start, end, n_tiles, M, T, S, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem,
+                         Timing, NBUF, TIMING)),
+            (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, NBUF)),
+        ], [1], [24])
 
 
 def nvmma_layout(dtype: torch.dtype):
@@ -398,22 +329,19 @@ def descriptors(latent: torch.Tensor, k_rope: torch.Tensor):
 
 
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
-                  *, nbuf: int = DEFAULT_NBUF, consumers: int = 1, pdl: bool = False, pipe: bool = False,
-                  timing: torch.Tensor | None = None) -> None:
-    """Launch stage 1 over grid ``(num_splits, B)``; ``o_part``/``lse`` hold ``num_splits · consumers``
-    partials per row. ``timing`` (a diagnostic, int64 ``[B · num_splits, 8]``): per-program timestamps, see
-    `_stage1_ws`."""
+                  *, nbuf: int = DEFAULT_NBUF, pdl: bool = False, timing: torch.Tensor | None = None) -> None:
+    """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
+    ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. ``timing`` (a diagnostic,
+    int64 ``[B · num_splits, 8]``): per-program timestamps, see `_stage1_ws`."""
+    assert lse.stride(-1) == 1
     b, s = latent.shape[0], latent.shape[1]
     c_desc, r_desc = descriptors(latent, k_rope)
     kw = {"launch_pdl": True} if pdl else {}
-    # 4 + 4 + 1 warps (three warpgroups' registers): 168 per thread overall, 232 for each consumer, 24 for the
-    # loader's warpgroup; with one consumer two warpgroups, 256 each at most
-    maxnreg = 168 if consumers == 2 else None  # (240 + 240 + 24) · 128 registers <= 168 · 384
     _stage1_ws[(num_splits, b)](
         ql, qr, c_desc, r_desc, o_part, lse,
         ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
-        NBUF=nbuf, NCONS=consumers, PDL=pdl, TIMING=timing is not None, PIPE=pipe, num_warps=4, maxnreg=maxnreg, **kw,
+        NBUF=nbuf, PDL=pdl, TIMING=timing is not None, num_warps=4, **kw,
     )
