@@ -78,11 +78,14 @@ def kernel_label(cfg: Any) -> str:
         return "-"
     if isinstance(cfg, str):
         return cfg
+    if isinstance(cfg, (list, tuple)):  # the pair the library chooses between, forced
+        return " | ".join(kernel_label(c) for c in cfg)
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
     occ = f" occ{c['ctas_per_sm']}" if c.get("ctas_per_sm", 1) > 1 else ""
     pdl = " pdl" if c.get("pdl") else ""
     streamed = " streamed" if c.get("streamed") else ""
-    return f"head-major {c['block_n']}/{c['num_warps']}/{c['num_stages']}{occ}{pdl}{streamed}"
+    ws = f"ws {c['ring_slots']} slots, else " if c.get("ring_slots") else ""
+    return f"{ws}head-major {c['block_n']}/{c['num_warps']}/{c['num_stages']}{occ}{pdl}{streamed}"
 
 
 def log(msg: str) -> None:
@@ -264,6 +267,11 @@ def check_kernel(dev: torch.device) -> None:
         (3, 2, 32, 12000, torch.float16, "bool", True),
         # left padding only, as `generate` builds it: the rows that run without reading their mask
         (6, 1, 32, 5000, torch.bfloat16, "padding", True),
+        # bare calls the warp-specialised stage 1 takes (16-bit, 512 + 64, <= 32 rows): two query tokens of 16
+        # heads, one tile, a split shorter than a tile, float16
+        (2, 2, 16, 777, torch.bfloat16, None, False),
+        (3, 1, 32, 64, torch.float16, None, False),
+        (7, 1, 32, 8257, torch.float16, None, False),
     ]
     for b, t, h, s, dtype, mask_kind, bounded in cases:
         q_lat = torch.randn(b, t, h, 512, generator=g).to(dev, dtype)
@@ -291,7 +299,8 @@ def check_kernel(dev: torch.device) -> None:
         from transmla_surgery.kernels import mla_decode as md
 
         for cfg in (KernelConfig(block_n=64, num_warps=4), KernelConfig(block_n=64, num_warps=8, num_stages=3),
-                    KernelConfig(block_n=64, num_warps=4, num_stages=3), md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG):
+                    KernelConfig(block_n=64, num_warps=4, num_stages=3), md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG,
+                    replace(md.DEFAULT_CONFIG, ring_slots=22)):
             try:
                 out = decode_attention_triton(q_lat, q_rope, buf[..., :512], buf[..., 512:], 0.07, mask, kv_len, config=cfg)
                 err = rel(out, ref)
@@ -299,10 +308,11 @@ def check_kernel(dev: torch.device) -> None:
             except Exception as exc:  # record and go on: one configuration must not hide the others' checks
                 err, ok = float("nan"), False
                 log(f"kernel {kernel_label(cfg)} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            ws = cfg.ring_slots > 0 and md._ws.supported(q_lat, q_rope, buf[..., :512], buf[..., 512:], mask, kv_len)
             record(kind="check", name="kernel_vs_reference", batch=b, query_len=t, heads=h, context=s, config=asdict(cfg),
-                   dtype=str(dtype), mask=mask_kind, bounded=bounded, rel_err=err, ok=ok)
+                   dtype=str(dtype), mask=mask_kind, bounded=bounded, warp_specialised=ws, rel_err=err, ok=ok)
             log(f"kernel vs reference B={b} T={t} H={h} S={s} {dtype} mask={mask_kind} bounded={bounded} "
-                f"{kernel_label(cfg)}: rel err {err:.2e} {'OK' if ok else 'FAIL'}")
+                f"{kernel_label(cfg)}{' (ws)' if ws else ''}: rel err {err:.2e} {'OK' if ok else 'FAIL'}")
 
 
 def check_model(dev: torch.device) -> None:
@@ -482,8 +492,11 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         # low-precision partials again, 16-row head blocks, lazy rescaling and two balanced schedules computed in
         # the kernel (`decode_select.run*.json`). The sweep: the two configurations the library chooses between,
         # the large-call one on the split schedule, the default without PDL and with 8 warps.
-        sweep = [md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG, replace(md.LARGE_WORK_CONFIG, streamed=False),
-                 replace(md.DEFAULT_CONFIG, pdl=False), replace(md.DEFAULT_CONFIG, num_warps=8)]
+        # Run 9 added the warp-specialised Gluon stage 1 (`mla_decode_ws`, `KernelConfig.ring_slots`), used by
+        # both library configurations where it applies; the sweep times it with 22 slots and the Triton stage 1
+        # as both configurations run it elsewhere (run 8's library).
+        sweep = [replace(md.DEFAULT_CONFIG, ring_slots=22), replace(md.DEFAULT_CONFIG, ring_slots=0),
+                 replace(md.LARGE_WORK_CONFIG, ring_slots=0), replace(md.DEFAULT_CONFIG, ring_slots=0, pdl=False)]
     for s in contexts:
         for b in batches:
             mla_bytes = b * s * (r + dr) * 2 + b * heads * (r + dr) * 2 + b * heads * r * 2
@@ -547,14 +560,16 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         # configurations has differed before: run 2, token-major 12% faster alone, 10% slower inside Llama-2-7B).
         # `--adopt-best` adds the sweep's most frequent winner at batch >= 16, forced everywhere.
         E2E_CONFIGS.clear()
-        E2E_CONFIGS.extend([("auto", None), ("1/SM only", md.DEFAULT_CONFIG)])
+        E2E_CONFIGS.extend([("auto", None), ("Triton stage 1 (run 8)", (replace(md.DEFAULT_CONFIG, ring_slots=0),
+                                                                       replace(md.LARGE_WORK_CONFIG, ring_slots=0)))])
         if adopt_best and best_cfg:
             from collections import Counter
 
             wins = [cfg for cfg, _ in Counter(cfg for (b, s), cfg in best_cfg.items() if b >= 16 and cfg is not None).most_common()]
             if wins and wins[0] != md.DEFAULT_CONFIG:
                 E2E_CONFIGS.append((kernel_label(wins[0]), wins[0]))
-        META["kernel_configs_for_e2e"] = [(label, None if c is None else asdict(c)) for label, c in E2E_CONFIGS]
+        META["kernel_configs_for_e2e"] = [(label, None if c is None else [asdict(x) for x in c] if isinstance(c, tuple) else asdict(c))
+                                          for label, c in E2E_CONFIGS]
 
 
 # ================================================================================================ 4. e2e
@@ -652,7 +667,9 @@ def e2e(dev: torch.device, copy_bw: float, smoke: bool, budget_s: float) -> None
                     if batch < 1:
                         continue
                     # a forced configuration for every call, or the library's own choice
-                    md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG = (kcfg, kcfg) if kcfg is not None else library_configs
+                    # (a pair: the two configurations the library chooses between)
+                    md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG = (
+                        library_configs if kcfg is None else kcfg if isinstance(kcfg, tuple) else (kcfg, kcfg))
                     cache = filled_cache(model, cfg, side, batch, ctx, dev, dtype)
                     try:
                         t = time_decode(model, cache, batch, prompt, new_tokens, dev)
@@ -667,7 +684,8 @@ def e2e(dev: torch.device, copy_bw: float, smoke: bool, budget_s: float) -> None
                     floor_ms = step_bytes / copy_bw * 1e3
                     record(kind="e2e" if batch == b_max else "latency", model=name, side=side, prompt=prompt,
                            new_tokens=new_tokens, context=ctx, batch=batch,
-                           kernel_config=None if side == "original" else (klabel if kcfg is None else asdict(kcfg)),
+                           kernel_config=None if side == "original" else (
+                               klabel if kcfg is None else [asdict(c) for c in kcfg] if isinstance(kcfg, tuple) else asdict(kcfg)),
                            shape=(f"{g} KV heads x {hd}" if side == "original" else f"MLA {rank}+{rope}"),
                            cache_bytes_per_token=per_token, weights_bytes=w_all, step_bytes=step_bytes,
                            memory_bytes=w_all + batch * ctx * per_token, floor_ms=floor_ms,
@@ -675,7 +693,7 @@ def e2e(dev: torch.device, copy_bw: float, smoke: bool, budget_s: float) -> None
                            achieved_GBps=step_bytes / (t["ms_per_step_mean"] * 1e-3) / 1e9, **t)
                     log(f"{name:9s} {side:8s} P={prompt:5d} B={batch:5d}: {t['tokens_per_s']:10.1f} tok/s, "
                         f"{t['ms_per_step_median']:7.2f} ms/step, {floor_ms / t['ms_per_step_mean']:5.1%} of floor"
-                        + ("" if side == "original" else f"  kernel={klabel if kcfg is None else kernel_label(kcfg)}"))
+                        + ("" if side == "original" else f"  kernel={klabel if kcfg is None or isinstance(kcfg, tuple) else kernel_label(kcfg)}"))
                     del cache
                     free(dev)
         md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG = library_configs

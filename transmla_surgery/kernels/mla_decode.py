@@ -118,7 +118,13 @@ class KernelConfig:
     ring_slots: int = 0
 
 
-# Default launch parameters, from `bench/decode.py` on an H200 (bench/results/decode.md, runs 3 and 4): 64-token
+# Where the warp-specialised Gluon stage 1 applies (a Hopper GPU, the bare call: no mask, no length; 16-bit,
+# 512 + 64, at most 32 query rows), both configurations below run it, with 20 ring slots of 8 KiB: on an H200 it
+# streams the cache at 93-104% of the copy bandwidth where the Triton stage 1 reaches 82-97% (batch 64 × 8K 152
+# against 175 µs, 191 × 8320 455 against 471, 16 × 8K 51.8 against 54.8; decode_select.run16/17, decode.md run 9).
+# 22 slots measured the same within 1%. Elsewhere the Triton stage 1 runs as configured below.
+WS_RING_SLOTS = 20
+# Default launch parameters of the Triton stage 1, from `bench/decode.py` on an H200 (bench/results/decode.md, runs 3 and 4): 64-token
 # tiles, 4 warps, 3 stages. The third stage (184 KiB of shared memory as compiled for sm_90,
 # `tests/test_kernel_compile.py`) keeps two tiles in flight while one is multiplied; with two stages the next
 # load only starts once the previous one has landed, and each SM waits out a full memory latency per tile. Alone
@@ -131,7 +137,7 @@ class KernelConfig:
 # d01b5ae has the second), 16-bit partials again, 16-row head blocks and lazy rescaling of the running output.
 # PDL (run 5): 2-5% at batch <= 16, neutral above and end to end. GPUs with less shared memory fall back to two
 # stages, then to `SAFE_CONFIG`.
-DEFAULT_CONFIG = KernelConfig(num_stages=3, pdl=True)
+DEFAULT_CONFIG = KernelConfig(num_stages=3, pdl=True, ring_slots=WS_RING_SLOTS)
 # For large calls: two blocks per multiprocessor, two stages each (112 KiB of shared memory and 255 registers per
 # thread: two blocks just fit), on the streamed schedule. Two independent tile streams per SM hide each other's
 # latencies and stream at 4.3-4.4 TB/s on the H200 against 3.7-3.9 for the default, but a call costs more fixed
@@ -140,7 +146,7 @@ DEFAULT_CONFIG = KernelConfig(num_stages=3, pdl=True)
 # decode_select.run6.json): batch 191 × 8320 465.7 µs against 516.8 for the default (93.6% of the copy
 # bandwidth), 96 × 16512 449.1 against 519.3, 205 × 8320 498.3 against 593.3, 64 × 32K 584.5 against 651.4;
 # 16 × 32K (8K tiles) 171.0 against 176.7, 64 × 8K (8K tiles) even, 16 × 8K (2K tiles) 19% slower.
-LARGE_WORK_CONFIG = KernelConfig(num_stages=2, ctas_per_sm=2, pdl=True, streamed=True)
+LARGE_WORK_CONFIG = KernelConfig(num_stages=2, ctas_per_sm=2, pdl=True, streamed=True, ring_slots=WS_RING_SLOTS)
 LARGE_WORK_TILES = 16384  # tiles per call (batch × head blocks × ceil(S / block_n)) from which it is chosen
 # Small tiles that fit any supported GPU: the fallback when a launch runs out of shared memory or registers
 # (with the failing configuration's `pdl`, which costs no resources).
@@ -484,15 +490,16 @@ def decode_attention_triton(
         qr = qr.contiguous()
 
     interpret = _interpreting()
+    use_ws = cfg.ring_slots > 0 and not interpret and _ws.supported(q_lat, q_rope, latent, k_rope, mask, kv_len)
+    if use_ws:  # the warp-specialised stage 1: one block per SM, 64-token tiles, on the split schedule
+        cfg = replace(cfg, ctas_per_sm=1, block_n=_ws.TILE_TOKENS, block_h=_ws.ROW_BLOCK, streamed=False)
     block_h = max(16, min(cfg.block_h, triton.next_power_of_2(m_rows)))
     head_blocks = triton.cdiv(m_rows, block_h)
     slots = (_sm_count(latent.device.index or 0) if latent.is_cuda else CPU_SLOTS) * cfg.ctas_per_sm
     tiles_per_row, programs = triton.cdiv(s, cfg.block_n), slots // head_blocks
     # with a length bound the streamed schedule measured 25-35% slower than the split one on an H200 (its loop
     # compiles the same; decode.md, run 8), so calls with a length take splits
-    use_ws = cfg.ring_slots > 0 and not interpret and _ws.supported(q_lat, q_rope, latent, k_rope, mask, kv_len)
-    streamed = (cfg.streamed and not use_ws and num_splits is None and kv_len is None
-                and b <= programs < b * tiles_per_row)
+    streamed = cfg.streamed and num_splits is None and kv_len is None and b <= programs < b * tiles_per_row
     if streamed and latent.is_cuda and torch.cuda.is_current_stream_capturing():
         # a new table would be a host-to-device copy, which CUDA-graph capture forbids: splits instead, unless
         # a call outside the capture (a warm-up) built it already

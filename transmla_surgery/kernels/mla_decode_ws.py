@@ -30,6 +30,8 @@ numerics are checked against the PyTorch reference on a Hopper GPU by `bench/dec
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 try:
@@ -63,7 +65,7 @@ def supported(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k
     ``B·S`` tokens (TMA descriptors), at most 32 query rows."""
     if gluon is None or not latent.is_cuda or mask is not None or kv_len is not None:
         return False
-    if torch.version.hip is not None or torch.cuda.get_device_capability(latent.device)[0] != 9:
+    if not _hopper(latent.device.index if latent.device.index is not None else torch.cuda.current_device()):
         return False
     b, t, h, r = q_lat.shape
     s = latent.shape[1]
@@ -78,6 +80,12 @@ def supported(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k
         if (x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16:
             return False
     return True
+
+
+@lru_cache(maxsize=8)
+def _hopper(device_index: int) -> bool:
+    """An NVIDIA GPU of compute capability 9.x (warpgroup MMA, TMA, ``setmaxnreg``), not ROCm."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] == 9
 
 
 if gluon is not None:
