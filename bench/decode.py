@@ -272,12 +272,19 @@ def check_kernel(dev: torch.device) -> None:
         (2, 2, 16, 777, torch.bfloat16, None, False),
         (3, 1, 32, 64, torch.float16, None, False),
         (7, 1, 32, 8257, torch.float16, None, False),
+        # a length per row and NaN past it, no mask (the static cache's bound in a batch without padding)
+        (5, 1, 32, 3000, torch.bfloat16, None, True),
     ]
     for b, t, h, s, dtype, mask_kind, bounded in cases:
         q_lat = torch.randn(b, t, h, 512, generator=g).to(dev, dtype)
         q_rope = torch.randn(b, t, h, 64, generator=g).to(dev, dtype)
         buf = torch.randn(b, s, 576, generator=g).to(dev, dtype)
         mask, kv_len, filled = None, None, s
+        if mask_kind is None and bounded:  # a length per row, NaN past it (must never be read)
+            lens = [s - 100 - 37 * i for i in range(b)]
+            for i, n in enumerate(lens):
+                buf[i, n:] = float("nan")
+            kv_len = torch.tensor(lens, device=dev)
         if mask_kind is not None:
             keep = torch.rand(b, t, s, generator=g) > 0.2
             if mask_kind == "padding":  # row i padded on its first 700·i positions
@@ -292,10 +299,15 @@ def check_kernel(dev: torch.device) -> None:
                 kv_len = torch.tensor(filled, device=dev)
             keep = keep.to(dev)
             mask = keep if mask_kind != "float" else torch.zeros(keep.shape, device=dev, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
-        ref = decode_attention_reference(
-            q_lat.float(), q_rope.float(), buf[:, :filled, :512].float(), buf[:, :filled, 512:].float(), 0.07,
-            None if mask is None else (mask[..., :filled] if mask.dtype == torch.bool else mask[..., :filled].float()),
-        )
+        if mask_kind is None and bounded:
+            ref = torch.cat([decode_attention_reference(q_lat[i:i + 1].float(), q_rope[i:i + 1].float(),
+                                                        buf[i:i + 1, :n, :512].float(), buf[i:i + 1, :n, 512:].float(), 0.07)
+                             for i, n in enumerate(lens)])
+        else:
+            ref = decode_attention_reference(
+                q_lat.float(), q_rope.float(), buf[:, :filled, :512].float(), buf[:, :filled, 512:].float(), 0.07,
+                None if mask is None else (mask[..., :filled] if mask.dtype == torch.bool else mask[..., :filled].float()),
+            )
         from transmla_surgery.kernels import mla_decode as md
 
         for cfg in (KernelConfig(block_n=64, num_warps=4), KernelConfig(block_n=64, num_warps=8, num_stages=3),

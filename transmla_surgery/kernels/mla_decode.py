@@ -553,10 +553,10 @@ def decode_attention_triton(
         prefix = torch.empty(b, 2, device=ql.device, dtype=torch.int32)
         prefix_kernel[(b,)](mask_t, len_t, prefix, mstr[0], mstr[2], len_stride, s, HAS_LEN=has_len, BLOCK=1024)
         passes = [(3, 1), (1, 2)]
-    if use_ws:
+    if use_ws:  # the bare call, or the length bound and the left-padding rows; other rows: the Triton pass 2
         _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, scale * LOG2E,
-                          nbuf=cfg.ring_slots, pdl=pdl)
-        passes = []
+                          kv_len=kv_len, prefix=prefix if passes[0][1] == 1 else None, nbuf=cfg.ring_slots, pdl=pdl)
+        passes = [p for p in passes if p[1] == 2]
     try:
         for pass_mask, pass_prefix in passes:
             stage1[(head_blocks, segments.shape[0]) if streamed else (head_blocks, num_splits, b)](

@@ -60,10 +60,13 @@ def available() -> bool:
 
 def supported(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
               mask: torch.Tensor | None, kv_len: torch.Tensor | None) -> bool:
-    """Whether this kernel takes the call: a CUDA GPU of compute capability 9.x, the bare call (no mask, no
-    length), a 16-bit cache with ``r = 512`` and ``d_rope = 64`` whose rows can be addressed as one 2-D tensor of
-    ``B·S`` tokens (TMA descriptors), at most 32 query rows."""
-    if gluon is None or not latent.is_cuda or mask is not None or kv_len is not None:
+    """Whether this kernel takes the call: a CUDA GPU of compute capability 9.x; no mask, or a bool mask with
+    one query token (whose left-padding rows this kernel runs, `mla_decode._prefix_fn`); a 16-bit cache with
+    ``r = 512`` and ``d_rope = 64`` whose rows can be addressed as one 2-D tensor of ``B·S`` tokens (TMA
+    descriptors); at most 32 query rows. A length (``kv_len``) is allowed."""
+    if gluon is None or not latent.is_cuda:
+        return False
+    if mask is not None and not (mask.dtype == torch.bool and q_lat.shape[1] == 1):
         return False
     if not _hopper(latent.device.index if latent.device.index is not None else torch.cuda.current_device()):
         return False
@@ -137,11 +140,12 @@ if gluon is not None:
         return s
 
     @gluon.jit
-    def _softmax_to_smem(s, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i, sm_scale_log2):
+    def _softmax_to_smem(s, i, p_buf, start, end, first, row_limit, row_ok, tok0, m_i, l_i, sm_scale_log2):
         """Online softmax over tile ``i``'s tokens (axis 0 of ``Sᵀ``); the probabilities go to ``p_buf`` as the
         output products' B operand. Returns the running maximum, sum and this tile's rescale factor."""
         offs = start + i * BLOCK_N + tok0
-        valid = (offs < end)[:, None] & (offs[:, None] < row_limit[None, :]) & row_ok[None, :]
+        # `first`: a left-padded row's first attended position (0 otherwise)
+        valid = ((offs < end) & (offs >= first))[:, None] & (offs[:, None] < row_limit[None, :]) & row_ok[None, :]
         qk = gl.where(valid, s * sm_scale_log2, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(qk, 0))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep exp2 finite
@@ -181,8 +185,21 @@ if gluon is not None:
         return o0, o1, o2, o3, o4, o5, o6, o7
 
     @gluon.jit
-    def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, start, end, n_tiles, M, T, kv_len,
-                  sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, NBUF: gl.constexpr,
+    def _zero_tail(ring, i, n_valid, NBUF: gl.constexpr):
+        """Zero the rows ``n_valid..63`` of tile ``i``'s 8 latent chunks: tokens past the row's length (or the
+        split's end) may hold anything, NaN included, and a probability of 0 times NaN is NaN in the output
+        product. Runs once per program at most (its last tile, when partial)."""
+        zl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+        keep = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, zl)) < n_valid)[:, None]
+        for p in gl.static_range(1, 9):
+            buf = ring.index((i * 9 + p) % NBUF)
+            x = buf.load(zl)
+            buf.store(gl.where(keep, x, gl.zeros_like(x)))
+        fence_async_shared()  # generic-proxy stores, then the output products' async-proxy reads
+
+    @gluon.jit
+    def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, start, end, first, skip, n_tiles, M,
+                  T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, NBUF: gl.constexpr,
                   TIMING: gl.constexpr):
         """The multiplying warpgroup (the default partition): stores the queries, whose loads were issued before
         the loader started, then runs the split's tiles and writes the normalised partial output ``O_part``
@@ -223,8 +240,10 @@ if gluon is not None:
             if TIMING:
                 if i == 0:
                     t_first = _now()
-            m_i, l_i, alpha = _softmax_to_smem(s, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
+            m_i, l_i, alpha = _softmax_to_smem(s, i, p_buf, start, end, first, row_limit, row_ok, tok0, m_i, l_i,
                                                sm_scale_log2)
+            if start + (i + 1) * BLOCK_N > end:  # the last tile, partial
+                _zero_tail(ring, i, end - start - i * BLOCK_N, NBUF)
             o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7,
                                                            NBUF)
             o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF, 0)
@@ -235,11 +254,12 @@ if gluon is not None:
         has = l_i > 0.0
         inv = (1.0 / gl.where(has, l_i, 1.0))[None, :]
         lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
-        gl.store(Lse + lse_base + rows * stride_lsem, lse, mask=row_ok)
+        keep = row_ok & (not skip)  # `skip`: a row the mask-reading pass of the Triton stage 1 runs
+        gl.store(Lse + lse_base + rows * stride_lsem, lse, mask=keep)
         # straight from the accumulator layout: each group of 4 lanes writes 8 consecutive channels (32 bytes)
         ch = gl.arange(0, CHUNK, layout=tok_l)
         o_ptr = O_part + o_base + rows[None, :] * stride_om + ch[:, None]
-        ok = row_ok[None, :]
+        ok = keep[None, :]
         gl.store(o_ptr + 0 * CHUNK, o0 * inv, mask=ok)
         gl.store(o_ptr + 1 * CHUNK, o1 * inv, mask=ok)
         gl.store(o_ptr + 2 * CHUNK, o2 * inv, mask=ok)
@@ -253,14 +273,19 @@ if gluon is not None:
 
     @gluon.jit
     def _stage1_ws(
-        QL, QR, c_desc, r_desc, O_part, Lse,
+        QL, QR, c_desc, r_desc, Len, Prefix, O_part, Lse,
         stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
+        stride_lb,
         stride_ob, stride_om, stride_os,
         stride_lseb, stride_lsem,
         S, T, H, M, split_len, sm_scale_log2, Timing,
-        NBUF: gl.constexpr, PDL: gl.constexpr, TIMING: gl.constexpr = False,
+        NBUF: gl.constexpr, HAS_LEN: gl.constexpr, PREFIX: gl.constexpr, PDL: gl.constexpr,
+        TIMING: gl.constexpr = False,
     ):
-        """Grid ``(splits, B)``. ``TIMING`` (a diagnostic): each program writes 8 int64 to ``Timing[program]``:
+        """Grid ``(splits, B)``. ``HAS_LEN``: ``Len[b · stride_lb]`` bounds the tokens read. ``PREFIX`` (one query
+        token, a bool mask classified by `mla_decode._prefix_fn` into ``Prefix [B, 2]``): the rows whose mask is
+        ``[first, length)`` run from the tile holding ``first``, the others are left to the Triton stage 1's
+        mask-reading pass (nothing read, nothing written). ``TIMING`` (a diagnostic): each program writes 8 int64 to ``Timing[program]``:
         global-timer nanoseconds at entry, after the PDL wait, queries stored, first tile's scores done, loop
         done, partial written; then its SM."""
         if TIMING:
@@ -297,9 +322,19 @@ if gluon is not None:
         q6 = gl.load(ql_ptr + 6 * CHUNK, mask=q_ok, other=0.0)
         q7 = gl.load(ql_ptr + 7 * CHUNK, mask=q_ok, other=0.0)
 
+        kv_len = S
+        if HAS_LEN:
+            kv_len = gl.minimum(gl.load(Len + b64 * stride_lb).to(gl.int32), S)
         start = pid_s * split_len
-        end = gl.minimum(start + split_len, S)
-        n_tiles = gl.cdiv(end - start, BLOCK_N)
+        end = gl.minimum(start + split_len, kv_len)
+        first = 0
+        skip = False
+        if PREFIX:
+            first = gl.load(Prefix + b64 * 2)
+            skip = gl.load(Prefix + b64 * 2 + 1) != 0
+            start = gl.maximum(start, (first // BLOCK_N) * BLOCK_N)  # tiles of padding only are not read
+            end = gl.where(skip, start, end)
+        n_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
         ring = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, CHUNK], c_desc.layout)
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, CHUNK], dtype)
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROWS], dtype)
@@ -316,8 +351,8 @@ if gluon is not None:
         lse_base = b64 * stride_lseb + pid_s  # Lse [B, M, splits], splits contiguous
         gl.warp_specialize([
             (_consumer, ((qr, q0, q1, q2, q3, q4, q5, q6, q7), q_smem, ring, ready, empty, p_buf, O_part, Lse,
-                         start, end, n_tiles, M, T, S, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem,
-                         Timing, NBUF, TIMING)),
+                         start, end, first, skip, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om,
+                         stride_lsem, Timing, NBUF, TIMING)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, NBUF)),
         ], [1], [24])
 
@@ -337,19 +372,24 @@ def descriptors(latent: torch.Tensor, k_rope: torch.Tensor):
 
 
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
-                  *, nbuf: int = DEFAULT_NBUF, pdl: bool = False, timing: torch.Tensor | None = None) -> None:
+                  *, kv_len: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+                  nbuf: int = DEFAULT_NBUF, pdl: bool = False, timing: torch.Tensor | None = None) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. ``timing`` (a diagnostic,
-    int64 ``[B · num_splits, 8]``): per-program timestamps, see `_stage1_ws`."""
+    int64 ``[B · num_splits, 8]``): per-program timestamps, see `_stage1_ws`. ``kv_len``: int tensor ``[]``, ``[1]``
+    or ``[B]``; ``prefix``: `mla_decode._prefix_fn`'s ``[B, 2]`` int32 classification of a one-token bool mask."""
     assert lse.stride(-1) == 1
     b, s = latent.shape[0], latent.shape[1]
     c_desc, r_desc = descriptors(latent, k_rope)
     kw = {"launch_pdl": True} if pdl else {}
+    len_t = lse if kv_len is None else kv_len.reshape(-1)
     _stage1_ws[(num_splits, b)](
-        ql, qr, c_desc, r_desc, o_part, lse,
+        ql, qr, c_desc, r_desc, len_t, lse if prefix is None else prefix, o_part, lse,
         ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+        1 if kv_len is not None and len_t.numel() > 1 else 0,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
-        NBUF=nbuf, PDL=pdl, TIMING=timing is not None, num_warps=4, **kw,
+        NBUF=nbuf, HAS_LEN=kv_len is not None, PREFIX=prefix is not None, PDL=pdl, TIMING=timing is not None,
+        num_warps=4, **kw,
     )
