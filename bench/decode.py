@@ -274,6 +274,9 @@ def check_kernel(dev: torch.device) -> None:
         (7, 1, 32, 8257, torch.float16, None, False),
         # a length per row and NaN past it, no mask (the static cache's bound in a batch without padding)
         (5, 1, 32, 3000, torch.bfloat16, None, True),
+        # masks of two query tokens the warp-specialised stage 1 reads per row: additive with a length, bool
+        (2, 2, 16, 1500, torch.bfloat16, "float", True),
+        (4, 2, 16, 3000, torch.float16, "bool", False),
     ]
     for b, t, h, s, dtype, mask_kind, bounded in cases:
         q_lat = torch.randn(b, t, h, 512, generator=g).to(dev, dtype)

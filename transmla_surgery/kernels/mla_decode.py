@@ -549,14 +549,14 @@ def decode_attention_triton(
     # classifies each row; rows that are left padding run without reading the mask, the others with it.
     passes = [(mask_mode, 0)]
     prefix = ql
-    if mask_mode == 1 and t == 1:
+    if mask_mode == 1 and t == 1 and not use_ws:
         prefix = torch.empty(b, 2, device=ql.device, dtype=torch.int32)
         prefix_kernel[(b,)](mask_t, len_t, prefix, mstr[0], mstr[2], len_stride, s, HAS_LEN=has_len, BLOCK=1024)
         passes = [(3, 1), (1, 2)]
-    if use_ws:  # the bare call, or the length bound and the left-padding rows; other rows: the Triton pass 2
+    if use_ws:  # mask and length in the same launch: it reads one mask row per tile, not one per head
         _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, scale * LOG2E,
-                          kv_len=kv_len, prefix=prefix if passes[0][1] == 1 else None, nbuf=cfg.ring_slots, pdl=pdl)
-        passes = [p for p in passes if p[1] == 2]
+                          mask=mask, kv_len=kv_len, nbuf=cfg.ring_slots, pdl=pdl)
+        passes = []
     try:
         for pass_mask, pass_prefix in passes:
             stage1[(head_blocks, segments.shape[0]) if streamed else (head_blocks, num_splits, b)](

@@ -60,13 +60,10 @@ def available() -> bool:
 
 def supported(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
               mask: torch.Tensor | None, kv_len: torch.Tensor | None) -> bool:
-    """Whether this kernel takes the call: a CUDA GPU of compute capability 9.x; no mask, or a bool mask with
-    one query token (whose left-padding rows this kernel runs, `mla_decode._prefix_fn`); a 16-bit cache with
-    ``r = 512`` and ``d_rope = 64`` whose rows can be addressed as one 2-D tensor of ``B·S`` tokens (TMA
-    descriptors); at most 32 query rows. A length (``kv_len``) is allowed."""
+    """Whether this kernel takes the call: a CUDA GPU of compute capability 9.x; a 16-bit cache with ``r = 512``
+    and ``d_rope = 64`` whose rows can be addressed as one 2-D tensor of ``B·S`` tokens (TMA descriptors); at
+    most 32 query rows. Any mask `decode_attention_triton` takes and a length (``kv_len``) are allowed."""
     if gluon is None or not latent.is_cuda:
-        return False
-    if mask is not None and not (mask.dtype == torch.bool and q_lat.shape[1] == 1):
         return False
     if not _hopper(latent.device.index if latent.device.index is not None else torch.cuda.current_device()):
         return False
@@ -140,13 +137,44 @@ if gluon is not None:
         return s
 
     @gluon.jit
-    def _softmax_to_smem(s, i, p_buf, start, end, first, row_limit, row_ok, tok0, m_i, l_i, sm_scale_log2):
-        """Online softmax over tile ``i``'s tokens (axis 0 of ``Sᵀ``); the probabilities go to ``p_buf`` as the
-        output products' B operand. Returns the running maximum, sum and this tile's rescale factor."""
+    def _load_mask(Mask, m_base, stride_mt, stride_ms, i, start, end, t_row, tok0, MASK_MODE: gl.constexpr,
+                   ONE_TOKEN: gl.constexpr):
+        """Tile ``i``'s mask values: ``[64]`` (one query token: one mask row for all heads) or ``[64, ROWS]``;
+        issued before the tile's scores so that the load's latency hides behind them."""
         offs = start + i * BLOCK_N + tok0
-        # `first`: a left-padded row's first attended position (0 otherwise)
-        valid = ((offs < end) & (offs >= first))[:, None] & (offs[:, None] < row_limit[None, :]) & row_ok[None, :]
-        qk = gl.where(valid, s * sm_scale_log2, float("-inf"))
+        other = 0 if MASK_MODE == 1 else 0.0
+        if ONE_TOKEN:
+            mv = gl.load(Mask + m_base + offs * stride_ms, mask=offs < end, other=other)
+        else:
+            mv = gl.load(Mask + m_base + t_row[None, :] * stride_mt + offs[:, None] * stride_ms,
+                         mask=(offs < end)[:, None], other=other)
+        return mv
+
+    @gluon.jit
+    def _softmax_to_smem(s, mv, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i, sm_scale_log2,
+                         MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr):
+        """Online softmax over tile ``i``'s tokens (axis 0 of ``Sᵀ``); the probabilities go to ``p_buf`` as the
+        output products' B operand. Returns the running maximum, sum and this tile's rescale factor. ``mv``: the
+        tile's mask (`_load_mask`; ``MASK_MODE`` 1 bool as bytes, 2 additive, 0 none: causal, aligned at the
+        end)."""
+        offs = start + i * BLOCK_N + tok0
+        valid = (offs < end)[:, None] & row_ok[None, :]
+        qk = s * sm_scale_log2
+        if MASK_MODE == 0:
+            valid = valid & (offs[:, None] < row_limit[None, :])
+        elif MASK_MODE == 1:
+            if ONE_TOKEN:
+                valid = valid & (mv != 0)[:, None]
+            else:
+                valid = valid & (mv != 0)
+        else:
+            # clamp first: the dtype's most negative value times log2(e) would overflow float32
+            bias = gl.maximum(mv.to(gl.float32), -1.0e30) * 1.4426950408889634
+            if ONE_TOKEN:
+                qk = qk + bias[:, None]
+            else:
+                qk = qk + bias
+        qk = gl.where(valid, qk, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(qk, 0))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep exp2 finite
         alpha = gl.exp2(m_i - m_safe)
@@ -198,9 +226,9 @@ if gluon is not None:
         fence_async_shared()  # generic-proxy stores, then the output products' async-proxy reads
 
     @gluon.jit
-    def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, start, end, first, skip, n_tiles, M,
-                  T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, NBUF: gl.constexpr,
-                  TIMING: gl.constexpr):
+    def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
+                  start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
+                  NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr):
         """The multiplying warpgroup (the default partition): stores the queries, whose loads were issued before
         the loader started, then runs the split's tiles and writes the normalised partial output ``O_part``
         (``o_base`` + row · ``stride_om`` + channel) and the base-2 log-sum-exp (``lse_base`` + row ·
@@ -234,14 +262,17 @@ if gluon is not None:
         o7 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
         t_first = gl.to_tensor(0).to(gl.int64)
         for i in range(n_tiles):
+            mv = 0
+            if MASK_MODE != 0:
+                mv = _load_mask(Mask, m_base, stride_mt, stride_ms, i, start, end, t_row, tok0, MASK_MODE, ONE_TOKEN)
             s = _issue_scores(ring, ready, q_smem, i, NBUF, mma)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
             if TIMING:
                 if i == 0:
                     t_first = _now()
-            m_i, l_i, alpha = _softmax_to_smem(s, i, p_buf, start, end, first, row_limit, row_ok, tok0, m_i, l_i,
-                                               sm_scale_log2)
+            m_i, l_i, alpha = _softmax_to_smem(s, mv, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
+                                               sm_scale_log2, MASK_MODE, ONE_TOKEN)
             if start + (i + 1) * BLOCK_N > end:  # the last tile, partial
                 _zero_tail(ring, i, end - start - i * BLOCK_N, NBUF)
             o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7,
@@ -254,12 +285,11 @@ if gluon is not None:
         has = l_i > 0.0
         inv = (1.0 / gl.where(has, l_i, 1.0))[None, :]
         lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
-        keep = row_ok & (not skip)  # `skip`: a row the mask-reading pass of the Triton stage 1 runs
-        gl.store(Lse + lse_base + rows * stride_lsem, lse, mask=keep)
+        gl.store(Lse + lse_base + rows * stride_lsem, lse, mask=row_ok)
         # straight from the accumulator layout: each group of 4 lanes writes 8 consecutive channels (32 bytes)
         ch = gl.arange(0, CHUNK, layout=tok_l)
         o_ptr = O_part + o_base + rows[None, :] * stride_om + ch[:, None]
-        ok = keep[None, :]
+        ok = row_ok[None, :]
         gl.store(o_ptr + 0 * CHUNK, o0 * inv, mask=ok)
         gl.store(o_ptr + 1 * CHUNK, o1 * inv, mask=ok)
         gl.store(o_ptr + 2 * CHUNK, o2 * inv, mask=ok)
@@ -273,19 +303,20 @@ if gluon is not None:
 
     @gluon.jit
     def _stage1_ws(
-        QL, QR, c_desc, r_desc, Len, Prefix, O_part, Lse,
+        QL, QR, c_desc, r_desc, Mask, Len, O_part, Lse,
         stride_qlb, stride_qlt, stride_qlh, stride_qrb, stride_qrt, stride_qrh,
+        stride_mb, stride_mt, stride_ms,
         stride_lb,
         stride_ob, stride_om, stride_os,
         stride_lseb, stride_lsem,
         S, T, H, M, split_len, sm_scale_log2, Timing,
-        NBUF: gl.constexpr, HAS_LEN: gl.constexpr, PREFIX: gl.constexpr, PDL: gl.constexpr,
+        NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
+        PDL: gl.constexpr,
         TIMING: gl.constexpr = False,
     ):
-        """Grid ``(splits, B)``. ``HAS_LEN``: ``Len[b · stride_lb]`` bounds the tokens read. ``PREFIX`` (one query
-        token, a bool mask classified by `mla_decode._prefix_fn` into ``Prefix [B, 2]``): the rows whose mask is
-        ``[first, length)`` run from the tile holding ``first``, the others are left to the Triton stage 1's
-        mask-reading pass (nothing read, nothing written). ``TIMING`` (a diagnostic): each program writes 8 int64 to ``Timing[program]``:
+        """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
+        additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per tile). ``HAS_LEN``: ``Len[b · stride_lb]`` bounds the
+        tokens read. ``TIMING`` (a diagnostic): each program writes 8 int64 to ``Timing[program]``:
         global-timer nanoseconds at entry, after the PDL wait, queries stored, first tile's scores done, loop
         done, partial written; then its SM."""
         if TIMING:
@@ -327,13 +358,6 @@ if gluon is not None:
             kv_len = gl.minimum(gl.load(Len + b64 * stride_lb).to(gl.int32), S)
         start = pid_s * split_len
         end = gl.minimum(start + split_len, kv_len)
-        first = 0
-        skip = False
-        if PREFIX:
-            first = gl.load(Prefix + b64 * 2)
-            skip = gl.load(Prefix + b64 * 2 + 1) != 0
-            start = gl.maximum(start, (first // BLOCK_N) * BLOCK_N)  # tiles of padding only are not read
-            end = gl.where(skip, start, end)
         n_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
         ring = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, CHUNK], c_desc.layout)
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, CHUNK], dtype)
@@ -351,8 +375,9 @@ if gluon is not None:
         lse_base = b64 * stride_lseb + pid_s  # Lse [B, M, splits], splits contiguous
         gl.warp_specialize([
             (_consumer, ((qr, q0, q1, q2, q3, q4, q5, q6, q7), q_smem, ring, ready, empty, p_buf, O_part, Lse,
-                         start, end, first, skip, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om,
-                         stride_lsem, Timing, NBUF, TIMING)),
+                         Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
+                         sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, NBUF, MASK_MODE, ONE_TOKEN,
+                         TIMING)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, NBUF)),
         ], [1], [24])
 
@@ -372,24 +397,32 @@ def descriptors(latent: torch.Tensor, k_rope: torch.Tensor):
 
 
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
-                  *, kv_len: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+                  *, mask: torch.Tensor | None = None, kv_len: torch.Tensor | None = None,
                   nbuf: int = DEFAULT_NBUF, pdl: bool = False, timing: torch.Tensor | None = None) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. ``timing`` (a diagnostic,
-    int64 ``[B · num_splits, 8]``): per-program timestamps, see `_stage1_ws`. ``kv_len``: int tensor ``[]``, ``[1]``
-    or ``[B]``; ``prefix``: `mla_decode._prefix_fn`'s ``[B, 2]`` int32 classification of a one-token bool mask."""
+    int64 ``[B · num_splits, 8]``): per-program timestamps, see `_stage1_ws`. ``mask``: bool (True = attend) or additive,
+    ``[B or 1, T, S]``, any strides; ``kv_len``: int tensor ``[]``, ``[1]`` or ``[B]``."""
     assert lse.stride(-1) == 1
     b, s = latent.shape[0], latent.shape[1]
     c_desc, r_desc = descriptors(latent, k_rope)
     kw = {"launch_pdl": True} if pdl else {}
     len_t = lse if kv_len is None else kv_len.reshape(-1)
+    if mask is None:
+        mask_mode, mask_t, mstr = 0, lse, (0, 0, 0)
+    else:
+        mask = mask[..., :s]
+        mask_mode, mask_t = (1, mask.view(torch.uint8)) if mask.dtype == torch.bool else (2, mask)
+        mstr = (mask_t.stride(0) if mask_t.shape[0] > 1 else 0, mask_t.stride(1) if mask_t.shape[1] > 1 else 0,
+                mask_t.stride(2))
     _stage1_ws[(num_splits, b)](
-        ql, qr, c_desc, r_desc, len_t, lse if prefix is None else prefix, o_part, lse,
+        ql, qr, c_desc, r_desc, mask_t, len_t, o_part, lse,
         ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+        *mstr,
         1 if kv_len is not None and len_t.numel() > 1 else 0,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
-        NBUF=nbuf, HAS_LEN=kv_len is not None, PREFIX=prefix is not None, PDL=pdl, TIMING=timing is not None,
+        NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=kv_len is not None, PDL=pdl, TIMING=timing is not None,
         num_warps=4, **kw,
     )
