@@ -50,6 +50,7 @@ except Exception:  # pragma: no cover - triton absent or without Gluon
     gluon = None
 
 DEFAULT_NBUF = 20  # ring slots of 8 KiB (with the 36 KiB of queries and the P tiles: within 227 KiB)
+VARIANT = {"lazy_sum": False, "wait_all": False}  # (exploration switches, run 20)
 TILE_TOKENS = 64  # tokens per tile: the M of one warpgroup MMA
 ROW_BLOCK = 32  # query rows per program (padded)
 
@@ -125,14 +126,19 @@ if gluon is not None:
                                                     ring.index(slot))
 
     @gluon.jit
-    def _issue_scores(ring, ready, q_smem, i, NBUF: gl.constexpr, mma: gl.constexpr):
+    def _issue_scores(ring, ready, q_smem, i, NBUF: gl.constexpr, mma: gl.constexpr, WAIT_ALL: gl.constexpr):
         """Issue tile ``i``'s scores ``Sᵀ = Σ_p K_p · Q_pᵀ`` (rope chunk, then the 8 latent chunks), each chunk's
-        product as soon as its copy has landed; asynchronous: 9 MMA groups the caller waits for."""
+        product as soon as its copy has landed (``WAIT_ALL``: once all 9 have); asynchronous: 9 MMA groups the
+        caller waits for."""
         base = i * 9
         s = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
+        if WAIT_ALL:
+            for p in gl.static_range(9):
+                mbarrier.wait(ready.index((base + p) % NBUF), ((base + p) // NBUF) & 1)
         for p in gl.static_range(9):
             slot = (base + p) % NBUF
-            mbarrier.wait(ready.index(slot), ((base + p) // NBUF) & 1)
+            if not WAIT_ALL:
+                mbarrier.wait(ready.index(slot), ((base + p) // NBUF) & 1)
             s = warpgroup_mma(ring.index(slot), q_smem.index(p).permute((1, 0)), s, use_acc=p > 0, is_async=True)
         return s
 
@@ -152,7 +158,7 @@ if gluon is not None:
 
     @gluon.jit
     def _softmax_to_smem(s, mv, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i, sm_scale_log2,
-                         MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr):
+                         MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, LAZY_SUM: gl.constexpr):
         """Online softmax over tile ``i``'s tokens (axis 0 of ``Sᵀ``); the probabilities go to ``p_buf`` as the
         output products' B operand. Returns the running maximum, sum and this tile's rescale factor. ``mv``: the
         tile's mask (`_load_mask`; ``MASK_MODE`` 1 bool as bytes, 2 additive, 0 none: causal, aligned at the
@@ -179,7 +185,10 @@ if gluon is not None:
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep exp2 finite
         alpha = gl.exp2(m_i - m_safe)
         p_t = gl.exp2(qk - m_safe[None, :])
-        l_new = l_i * alpha + gl.sum(p_t, 0)
+        if LAZY_SUM:  # `l_i` is [64, ROWS], each thread's share of the sums: reduced once, after the last tile
+            l_new = l_i * alpha[None, :] + p_t
+        else:
+            l_new = l_i * alpha + gl.sum(p_t, 0)
         p_buf.store(p_t.to(p_buf.dtype))
         fence_async_shared()  # the generic-proxy store, then the MMA's async-proxy read
         return m_new, l_new, alpha
@@ -228,7 +237,8 @@ if gluon is not None:
     @gluon.jit
     def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
                   start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
-                  NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr):
+                  NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
+                  LAZY_SUM: gl.constexpr, WAIT_ALL: gl.constexpr):
         """The multiplying warpgroup (the default partition): stores the queries, whose loads were issued before
         the loader started, then runs the split's tiles and writes the normalised partial output ``O_part``
         (``o_base`` + row · ``stride_om`` + channel) and the base-2 log-sum-exp (``lse_base`` + row ·
@@ -251,7 +261,10 @@ if gluon is not None:
         tok0 = gl.arange(0, BLOCK_N, layout=tok_l)
 
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_l)
-        l_i = gl.zeros([ROWS], gl.float32, layout=row_l)
+        if LAZY_SUM:
+            l_i = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
+        else:
+            l_i = gl.zeros([ROWS], gl.float32, layout=row_l)
         o0 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
         o1 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
         o2 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
@@ -265,23 +278,36 @@ if gluon is not None:
             mv = 0
             if MASK_MODE != 0:
                 mv = _load_mask(Mask, m_base, stride_mt, stride_ms, i, start, end, t_row, tok0, MASK_MODE, ONE_TOKEN)
-            s = _issue_scores(ring, ready, q_smem, i, NBUF, mma)
+            if TIMING:  # per tile (the first 32): issue, scores done, softmax done, output done
+                if i < 32:
+                    gl.store(Timing + 8 + 4 * i, _now())
+            s = _issue_scores(ring, ready, q_smem, i, NBUF, mma, WAIT_ALL)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
             if TIMING:
                 if i == 0:
                     t_first = _now()
+                if i < 32:
+                    gl.store(Timing + 9 + 4 * i, _now())
             m_i, l_i, alpha = _softmax_to_smem(s, mv, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
-                                               sm_scale_log2, MASK_MODE, ONE_TOKEN)
+                                               sm_scale_log2, MASK_MODE, ONE_TOKEN, LAZY_SUM)
             if start + (i + 1) * BLOCK_N > end:  # the last tile, partial
                 _zero_tail(ring, i, end - start - i * BLOCK_N, NBUF)
+            if TIMING:
+                if i < 32:
+                    gl.store(Timing + 10 + 4 * i, _now())
             o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7,
                                                            NBUF)
             o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF, 0)
+            if TIMING:
+                if i < 32:
+                    gl.store(Timing + 11 + 4 * i, _now())
         if TIMING:
             gl.store(Timing + 3, t_first)
             gl.store(Timing + 4, _now())
 
+        if LAZY_SUM:
+            l_i = gl.sum(l_i, 0)
         has = l_i > 0.0
         inv = (1.0 / gl.where(has, l_i, 1.0))[None, :]
         lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
@@ -312,15 +338,16 @@ if gluon is not None:
         S, T, H, M, split_len, sm_scale_log2, Timing,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False,
+        TIMING: gl.constexpr = False, LAZY_SUM: gl.constexpr = False, WAIT_ALL: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per tile). ``HAS_LEN``: ``Len[b · stride_lb]`` bounds the
         tokens read. ``TIMING`` (a diagnostic): each program writes 8 int64 to ``Timing[program]``:
         global-timer nanoseconds at entry, after the PDL wait, queries stored, first tile's scores done, loop
-        done, partial written; then its SM."""
+        done, partial written; then its SM; then for each of the first 32 tiles: before its scores, scores done,
+        softmax done, output products done (136 int64 per program)."""
         if TIMING:
-            Timing = Timing + (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)) * 8
+            Timing = Timing + (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)) * 136
             gl.store(Timing + 0, _now())
             gl.store(Timing + 6, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32,
                                                            is_pure=False, pack=1).to(gl.int64))
@@ -377,7 +404,7 @@ if gluon is not None:
             (_consumer, ((qr, q0, q1, q2, q3, q4, q5, q6, q7), q_smem, ring, ready, empty, p_buf, O_part, Lse,
                          Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
                          sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, NBUF, MASK_MODE, ONE_TOKEN,
-                         TIMING)),
+                         TIMING, LAZY_SUM, WAIT_ALL)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, NBUF)),
         ], [1], [24])
 
@@ -401,7 +428,7 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
                   nbuf: int = DEFAULT_NBUF, pdl: bool = False, timing: torch.Tensor | None = None) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. ``timing`` (a diagnostic,
-    int64 ``[B · num_splits, 8]``): per-program timestamps, see `_stage1_ws`. ``mask``: bool (True = attend) or additive,
+    int64 ``[B · num_splits, 136]``): per-program timestamps, see `_stage1_ws`. ``mask``: bool (True = attend) or additive,
     ``[B or 1, T, S]``, any strides; ``kv_len``: int tensor ``[]``, ``[1]`` or ``[B]``."""
     assert lse.stride(-1) == 1
     b, s = latent.shape[0], latent.shape[1]
@@ -423,6 +450,7 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
-        NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=kv_len is not None, PDL=pdl, TIMING=timing is not None,
+        NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=kv_len is not None, LAZY_SUM=VARIANT["lazy_sum"],
+        WAIT_ALL=VARIANT["wait_all"], PDL=pdl, TIMING=timing is not None,
         num_warps=4, **kw,
     )
