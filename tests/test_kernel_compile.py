@@ -116,6 +116,68 @@ def _compile_all() -> dict:
     for n in ones:
         out[f"ones {n}"] = build(stage1, {**small, n: 1}, ptrs, 3)
     out["ones all"] = build(stage1, {**small, **{n: 1 for n in ones}}, ptrs, 3)
+    out.update(_compile_ws())
+    return out
+
+
+def _compile_ws() -> dict:
+    """The warp-specialised Gluon stage 1 (`mla_decode_ws`) as a launch compiles it: both 16-bit dtypes, each mask
+    mode with and without a length, one and several query tokens; PDL and the timing diagnostic once each."""
+    import torch
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    from transmla_surgery.kernels import mla_decode_ws as ws
+
+    if not ws.available():
+        return {}
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def build(dtype: str, consts: dict) -> dict:
+        tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        host = torch.zeros(128, 576, dtype=tdtype)
+        desc = ws.TensorDescriptor(host[:, :512], [128, 512], [576, 1], [64, 64], ws.nvmma_layout(tdtype))
+        desc_type = native_specialize_impl(CUDABackend, desc, False, True, True)[0]  # what a launch passes
+        fn = ws._stage1_ws
+        names = list(inspect.signature(fn.fn).parameters)
+        consts = {"NBUF": ws.DEFAULT_NBUF, "PDL": False, "TIMING": False, **consts}
+        sig = {}
+        for n in names:
+            if n in consts:
+                sig[n] = "constexpr"
+            elif n in ("QL", "QR"):
+                sig[n] = f"*{dtype}"
+            elif n in ("c_desc", "r_desc"):
+                sig[n] = desc_type
+            elif n == "Mask":
+                sig[n] = "*u8" if consts["MASK_MODE"] == 1 else f"*{dtype}"
+            elif n in ("O_part", "Lse"):
+                sig[n] = "*fp32"
+            elif n in ("Len", "Timing"):
+                sig[n] = "*i64"
+            elif n == "sm_scale_log2":
+                sig[n] = "fp32"
+            else:
+                sig[n] = "i32"
+        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+        k = triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 64),
+                           options={"num_warps": 4})
+        ptx = k.asm["ptx"]
+        return {"shared": k.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
+                "tma": ptx.count("cp.async.bulk.tensor"), "setmaxnreg": ptx.count("setmaxnreg"),
+                "globaltimer": ptx.count("globaltimer"), "gdc_wait": ptx.count("griddepcontrol.wait"),
+                "gdc_launch": ptx.count("griddepcontrol.launch_dependents"), "mma": ptx.count("wgmma.mma_async")}
+
+    out = {}
+    for dtype in ("bf16", "fp16"):
+        for mask_mode, has_len, one in ((0, False, True), (0, True, True), (1, True, True), (1, False, False),
+                                        (2, True, False)):
+            key = f"ws stage1 {dtype} mask={mask_mode} len={has_len} one_token={one}"
+            out[key] = build(dtype, dict(MASK_MODE=mask_mode, HAS_LEN=has_len, ONE_TOKEN=one))
+    out["pdl ws stage1 bf16"] = build("bf16", dict(MASK_MODE=0, HAS_LEN=False, ONE_TOKEN=True, PDL=True))
+    out["ws timing stage1 bf16"] = build("bf16", dict(MASK_MODE=0, HAS_LEN=False, ONE_TOKEN=True, TIMING=True))
     return out
 
 
@@ -142,10 +204,24 @@ def test_every_variant_compiles_for_hopper_within_its_shared_memory(compiled):
             assert info["mma"] > 0, key  # both products on tensor cores
 
 
+def test_the_warp_specialised_stage1_compiles_for_hopper(compiled):
+    """The Gluon stage 1 in every mask mode, with and without a length: within a block's shared memory (its ring
+    of 20 slots, the queries, the probabilities), its products on warpgroup MMA, its cache tiles fetched by TMA,
+    the loader warp's registers handed to the multiplying warpgroup (``setmaxnreg``), and no timer read unless
+    the timing diagnostic is on."""
+    pytest.importorskip("triton.experimental.gluon")
+    ws = {k: v for k, v in compiled.items() if "ws" in k}
+    assert len([k for k in ws if k.startswith("ws stage1")]) == 2 * 5
+    for key, info in ws.items():
+        assert 180 * 1024 < info["shared"] <= HOPPER_SMEM_BYTES, (key, info)
+        assert info["wgmma"] > 0 and info["tma"] > 0 and info["setmaxnreg"] > 0, (key, info)
+        assert (info["globaltimer"] > 0) == ("timing" in key), (key, info)
+
+
 def test_pdl_emits_grid_dependency_control_only_when_on(compiled):
     """PDL=True: each kernel waits for the previous grid, then lets the next launch; PDL=False (every other
     variant): not one `griddepcontrol` instruction, so the kernels compile as before the flag existed."""
-    for key in ("pdl stage1 bf16 stages=3 mask=0 len=True", "pdl stage2 bf16 splits=64"):
+    for key in ("pdl stage1 bf16 stages=3 mask=0 len=True", "pdl stage2 bf16 splits=64", "pdl ws stage1 bf16"):
         assert compiled[key]["gdc_wait"] > 0 and compiled[key]["gdc_launch"] > 0, key
     off = [k for k in compiled if not k.startswith("pdl")]
     assert off

@@ -60,21 +60,28 @@ def available() -> bool:
 
 def supported(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
               mask: torch.Tensor | None, kv_len: torch.Tensor | None) -> bool:
-    """Whether this kernel takes the call: a CUDA GPU of compute capability 9.x; a 16-bit cache with ``r = 512``
-    and ``d_rope = 64`` whose rows can be addressed as one 2-D tensor of ``B·S`` tokens (TMA descriptors); at
-    most 32 query rows. Any mask `decode_attention_triton` takes and a length (``kv_len``) are allowed."""
+    """Whether this kernel takes the call: Gluon present, a CUDA GPU of compute capability 9.x and a geometry
+    `geometry_supported` accepts. Any mask `decode_attention_triton` takes and a length (``kv_len``) are
+    allowed."""
     if gluon is None or not latent.is_cuda:
         return False
     if not _hopper(latent.device.index if latent.device.index is not None else torch.cuda.current_device()):
         return False
+    return geometry_supported(q_lat, latent, k_rope)
+
+
+def geometry_supported(q_lat: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> bool:
+    """The shapes and layouts this kernel handles, on any device: a 16-bit cache with ``r = 512`` and
+    ``d_rope = 64`` whose rows can be addressed as one 2-D tensor of ``B·S`` tokens (what its TMA descriptors
+    describe: batch rows one after the other, rows and base 16-byte aligned, channels contiguous), and at most
+    32 query rows (``T·H``)."""
     b, t, h, r = q_lat.shape
     s = latent.shape[1]
     if latent.dtype not in (torch.bfloat16, torch.float16) or k_rope.dtype != latent.dtype:
         return False
-    if r != 512 or k_rope.shape[-1] != 64 or t * h > ROW_BLOCK:
+    if r != 512 or latent.shape[-1] != 512 or k_rope.shape[-1] != 64 or t * h > ROW_BLOCK:
         return False
     for x in (latent, k_rope):
-        # a 2-D view [B·S, channels]: batch rows one after the other, 16-byte aligned rows and base
         if x.stride(-1) != 1 or (b > 1 and x.stride(0) != s * x.stride(1)):
             return False
         if (x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16:
