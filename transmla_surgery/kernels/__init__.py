@@ -1,5 +1,7 @@
 """Decode kernels. `decode_attention` (absorbed MLA attention) and `apply_rope` (the rope channels of query and
-shared key) pick their Triton kernel on CUDA and the PyTorch formula elsewhere.
+shared key) pick their Triton kernel on CUDA and the PyTorch formula elsewhere. On Hopper GPUs the attention's
+first stage is the warp-specialised Gluon kernel of `mla_decode_ws` wherever its geometry applies
+(`mla_decode.KernelConfig.ring_slots`).
 
 Backend selection: ``set_decode_backend("auto" | "torch" | "triton")`` or the environment variable
 ``TRANSMLA_DECODE_BACKEND``; ``auto`` uses Triton for CUDA tensors in float16/bfloat16/float32 when no gradient

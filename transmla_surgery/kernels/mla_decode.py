@@ -1,5 +1,10 @@
 """Triton flash-decoding kernel for absorbed MLA: multi-query attention over the latent cache.
 
+On Hopper GPUs stage 1 below is replaced, wherever it applies (16-bit, 512 + 64, at most 32 query rows, a cache
+addressable as one ``[B·S, 576]`` tensor), by the warp-specialised Gluon kernel of `mla_decode_ws` (a TMA loader
+warp and a warpgroup-MMA warpgroup; ``KernelConfig.ring_slots``): it writes the same partials, which the same
+merge (stage 2) combines, and reads masks and the length itself (bench/results/decode.md, runs 9-10).
+
 Same contract as `reference.decode_attention_reference` (shapes there): ``T·H`` query rows of width
 ``r + d_rope`` attend over one shared KV stream whose key is ``[c_s ; k_rope,s]`` and whose value is ``c_s``.
 
