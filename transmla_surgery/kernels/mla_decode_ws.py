@@ -1,28 +1,31 @@
 """Hopper (sm_90) stage 1 of the absorbed-MLA decode, warp-specialised, in Gluon.
 
-Same contract and partial outputs as `mla_decode._stage1_fn` (float32 ``O_part [B, M, splits', r]`` normalised,
-base-2 ``Lse [B, M, splits']``), so the split chooser and the merge kernel of `mla_decode` are shared. Only the
-bare call is handled (no mask, no length: causal, aligned at the end), in bfloat16/float16, with the DeepSeek
-geometry ``r = 512``, ``d_rope = 64`` and at most 32 query rows (``T·H``); `supported` says when.
+Same contract and partial outputs as `mla_decode._stage1_fn` (float32 ``O_part [B, M, splits, r]`` normalised,
+base-2 ``Lse [B, M, splits]``), so the split chooser and the merge kernel of `mla_decode` are shared. It handles
+bfloat16/float16 caches of the DeepSeek geometry (``r = 512``, ``d_rope = 64``) with at most 32 query rows
+(``T·H``), any mask `mla_decode` takes (none: causal, aligned at the end; bool; additive) and a length bound;
+`supported` / `geometry_supported` say when.
 
 Why another stage 1: the Triton kernel runs everything in the same four warps, one tile after the other; its
 asynchronous copies are issued by the warps that multiply, and the next copies only start once a tile's products
 are done. On an H200 its tile loop streams at about 88% of the copy bandwidth with one block per SM
-(bench/results/decode.md). Here each block has
+(bench/results/decode.md). Here each block (one per SM, on the split schedule) has
 
-* a **loader** (one warp): tensor-memory-accelerator (TMA) copies of ``[64 tokens, 64 channels]`` chunks of the
-  cache (8 KiB each: the rope key, then the 8 latent chunks of a tile) into a ring of ``NBUF`` slots, each slot
-  with a "ready" barrier (the copy's bytes arrived) and an "empty" barrier (its reader is done). It runs ahead of
-  the multiplying warps by up to the whole ring, and costs them no instructions.
-* one or two **consumers** (one warpgroup each): token-major warpgroup MMA as in commit 65d8ae3's Gluon kernel,
-  scores ``Sᵀ [64 tokens, rows] = K · Qᵀ`` (the MMA's M is the tile's 64 tokens; a decode step has only
-  ``rows <= 32``), an online softmax over the tile's tokens, output ``Oᵀ [512, rows] += Vᵀ · Pᵀ`` as eight
-  ``[64, rows]`` accumulators. With two consumers they take alternate tiles (ping-pong): one's softmax runs
-  while the other's products do; each writes its own partial (split ``2·s + c``), which the merge combines.
+* a **loader** (one warp, 24 registers): tensor-memory-accelerator (TMA) copies of ``[64 tokens, 64 channels]``
+  chunks of the cache (8 KiB each: the rope key, then the 8 latent chunks of a tile) into a ring of ``NBUF``
+  slots, each slot with a "ready" barrier (the copy's bytes arrived) and an "empty" barrier (its reader is
+  done). It runs ahead of the multiplying warps by up to the whole ring and costs them no instructions.
+* one **consumer** warpgroup: token-major warpgroup MMA, scores ``Sᵀ [64 tokens, rows] = K · Qᵀ`` (the MMA's M
+  is the tile's 64 tokens; a decode step has only ``rows <= 32``), an online softmax over the tile's tokens
+  whose sums stay per thread until the last tile, output ``Oᵀ [512, rows] += Vᵀ · Pᵀ`` as eight ``[64, rows]``
+  accumulators; each chunk goes back to the loader as soon as its products are done.
 
-Tokens past the split's end in its last tile are masked out of the softmax; the copies of a tile past the end of
-the cache (the last batch row's) are zero-filled by the TMA unit. The rows of the next batch row that a copy
-reads past ``S`` are finite cache contents whose probability is 0.
+The queries' loads are issued before the loader starts (behind its first copies they waited 4-7 µs). Tokens past
+the split's end or the row's length are masked out of the softmax, and a partial last tile's latent rows past
+them are zeroed in shared memory (the cache may hold anything there, NaN included, and 0 · NaN is NaN in the
+output product); copies past the end of the whole cache are zero-filled by the TMA unit. Two consumers taking
+alternate tiles, and issuing the next tile's scores early, were slower: the ring holds 2.2 tiles, and holding
+two leaves nothing in flight (decode.md, runs 9-10).
 
 Gluon has no CPU interpreter: `tests/test_kernel_compile.py` compiles this kernel for sm_90a on the CPU, and its
 numerics are checked against the PyTorch reference on a Hopper GPU by `bench/decode.py`.
