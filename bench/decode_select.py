@@ -246,6 +246,24 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         D.free(dev)
 
 
+def _stage1_inputs(dev: torch.device, b: int, s: int, layers: int):
+    """Queries, ``layers`` distinct caches (a model's layers) and the partial buffers of one split-schedule call
+    of the warp-specialised stage 1: ``(q_lat, q_rope, caches, splits, split_len, o_part, lse)``."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    heads, r, dr = 32, 512, 64
+    dtype = torch.bfloat16
+    q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
+    q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
+    kvs = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(layers)]
+    splits = md.choose_num_splits(b, 1, s, 64, 132)
+    split_len = -(-(-(-s // splits)) // 64) * 64
+    splits = -(-s // split_len)
+    o_part = torch.empty(b, heads, splits, r, device=dev, dtype=torch.float32)
+    lse = torch.empty(b, heads, splits, device=dev, dtype=torch.float32)
+    return q_lat, q_rope, kvs, splits, split_len, o_part, lse
+
+
 def wsfixed_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     """Where a call's fixed cost goes: the warp-specialised stage 1 at batch 16 over a range of contexts, whole
     and stage 1 alone, timed as back-to-back replays of a one-call graph and as graphs of 8 calls over 8
@@ -253,8 +271,8 @@ def wsfixed_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     from transmla_surgery.kernels import mla_decode as md
 
     heads, r, dr = 32, 512, 64
-    dtype = torch.bfloat16
     cfg_ws = replace(md.DEFAULT_CONFIG, ring_slots=20)
+    cfg_triton = replace(md.DEFAULT_CONFIG, ring_slots=0)
     x = torch.zeros(16, device=dev)
     ms = D.time_graph(lambda: x.add_(1), dev, reps=50)
     ROWS.append(dict(kind="wsfixed", what="empty graph (one tiny kernel)", us=ms * 1e3))
@@ -263,14 +281,7 @@ def wsfixed_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     b = 16
     for s in (64, 2048, 8192, 32768):
         nbytes = b * s * (r + dr) * 2
-        q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
-        q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
-        kvs = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(layers)]
-        splits = md.choose_num_splits(b, 1, s, 64, 132)
-        split_len = -(-(-(-s // splits)) // 64) * 64
-        splits = -(-s // split_len)
-        o_part = torch.empty(b, heads, splits, r, device=dev, dtype=torch.float32)
-        lse = torch.empty(b, heads, splits, device=dev, dtype=torch.float32)
+        q_lat, q_rope, kvs, splits, split_len, o_part, lse = _stage1_inputs(dev, b, s, layers)
 
         def whole(kv, cfg):
             return md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], 0.07, config=cfg)
@@ -284,8 +295,8 @@ def wsfixed_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             "ws whole, 8 per graph": D.time_graph(lambda: [whole(kv, cfg_ws) for kv in kvs], dev, reps=20, inner=layers),
             "ws stage 1, 1 per graph": D.time_graph(lambda: stage1(kvs[0]), dev, reps=50),
             "ws stage 1, 8 per graph": D.time_graph(lambda: [stage1(kv) for kv in kvs], dev, reps=20, inner=layers),
-            "triton 1/SM whole, 1 per graph": D.time_graph(lambda: whole(kvs[0], md.DEFAULT_CONFIG), dev, reps=50),
-            "triton 1/SM whole, 8 per graph": D.time_graph(lambda: [whole(kv, md.DEFAULT_CONFIG) for kv in kvs], dev, reps=20, inner=layers),
+            "triton 1/SM whole, 1 per graph": D.time_graph(lambda: whole(kvs[0], cfg_triton), dev, reps=50),
+            "triton 1/SM whole, 8 per graph": D.time_graph(lambda: [whole(kv, cfg_triton) for kv in kvs], dev, reps=20, inner=layers),
         }
         for what, ms in timings.items():
             ROWS.append(dict(kind="wsfixed", what=what, batch=b, context=s, splits=splits, us=ms * 1e3,
@@ -293,7 +304,7 @@ def wsfixed_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             log(f"wsfixed B={b} S={s:6d} splits={splits:2d} {what:32s} {ms * 1e3:8.1f} us ({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
         if s == 8192:
             for sp in (8,):
-                for label, cfg in (("ws", cfg_ws), ("triton 1/SM", md.DEFAULT_CONFIG)):
+                for label, cfg in (("ws", cfg_ws), ("triton 1/SM", cfg_triton)):
                     ms = D.time_graph(lambda: [md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], 0.07, num_splits=sp, config=cfg) for kv in kvs], dev, reps=20, inner=layers)
                     ROWS.append(dict(kind="wsfixed", what=f"{label} splits={sp}, 8 per graph", batch=b, context=s, splits=sp,
                                      us=ms * 1e3, fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
@@ -308,18 +319,10 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     and the gap to the next launch, in microseconds."""
     from transmla_surgery.kernels import mla_decode as md
 
-    heads, r, dr = 32, 512, 64
-    dtype = torch.bfloat16
+    heads, r = 32, 512
     layers = 8
-    for b, s, pipe in ((16, 8192, False), (64, 8192, False)):
-        q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
-        q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
-        kvs = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(layers)]
-        splits = md.choose_num_splits(b, 1, s, 64, 132)
-        split_len = -(-(-(-s // splits)) // 64) * 64
-        splits = -(-s // split_len)
-        o_part = torch.empty(b, heads, splits, r, device=dev, dtype=torch.float32)
-        lse = torch.empty(b, heads, splits, device=dev, dtype=torch.float32)
+    for b, s in ((16, 8192), (64, 8192)):
+        q_lat, q_rope, kvs, splits, split_len, o_part, lse = _stage1_inputs(dev, b, s, layers)
         stamps = torch.zeros(layers, b * splits, 136, device=dev, dtype=torch.int64)
 
         def run():
@@ -350,8 +353,8 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             row["tile_output_med"] = [round(v, 3) for v in (pt[:, :, 3] - pt[:, :, 2]).median(0).values.tolist()]
             row["tile_period_med"] = [round(v, 3) for v in (pt[:, 1:, 0] - pt[:, :-1, 0]).median(0).values.tolist()]
             info.append(row)
-        ROWS.append(dict(kind="wstiming", batch=b, context=s, pipe=pipe, splits=splits, us_per_call=ms * 1e3, layers=info))
-        log(f"wstiming B={b} S={s} pipe={pipe} splits={splits} programs={b * splits}: {ms * 1e3:.1f} us per call")
+        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, us_per_call=ms * 1e3, layers=info))
+        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits}: {ms * 1e3:.1f} us per call")
         for row in info[2:3]:
             log("  " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                 if not isinstance(v, list)))

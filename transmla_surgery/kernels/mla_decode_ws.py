@@ -38,7 +38,6 @@ from functools import lru_cache
 import torch
 
 try:
-    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -247,7 +246,6 @@ if gluon is not None:
         the loader started, then runs the split's tiles and writes the normalised partial output ``O_part``
         (``o_base`` + row · ``stride_om`` + channel) and the base-2 log-sum-exp (``lse_base`` + row ·
         ``stride_lsem``)."""
-        dtype: gl.constexpr = ring.dtype
         for c in gl.static_range(9):
             q_smem.index(c).store(q_chunks[c])
         fence_async_shared()
