@@ -677,3 +677,81 @@ def test_streamed_schedule_falls_back_to_splits_when_rows_outnumber_slots(monkey
     out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.15, config=STREAMED)
     assert _err(out, _ref(q_lat, q_rope, lat, kr, 0.15)) < TOL[torch.float32]
     assert not launches[0][2]["TABLE"] and len(launches[0][1]) == 3
+
+
+def _emulated_ws_stage1(calls):
+    """A PyTorch stand-in for `mla_decode_ws.launch_stage1` (the Gluon kernel needs a Hopper GPU), written from
+    its contract: per batch row and split ``[j·split_len, (j+1)·split_len)`` within the row's length, each query
+    row's normalised partial output and base-2 log-sum-exp, the mask or the causal rule deciding which keys count."""
+
+    def launch(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2, *,
+               mask=None, kv_len=None, nbuf, pdl):
+        calls.append(dict(split_len=split_len, num_splits=num_splits, mask=mask, kv_len=kv_len, nbuf=nbuf))
+        bsz, s = latent.shape[:2]
+        for b in range(bsz):
+            n = s if kv_len is None else min(int(kv_len.reshape(-1)[b if kv_len.numel() > 1 else 0]), s)
+            q = torch.cat([ql[b], qr[b]], -1).double().reshape(m_rows, -1)  # rows token-major, head-minor
+            t_row = torch.arange(m_rows) // h
+            for j in range(num_splits):
+                lo, hi = j * split_len, min((j + 1) * split_len, n)
+                pos = torch.arange(lo, max(lo, hi))
+                k = torch.cat([latent[b, lo:hi], k_rope[b, lo:hi]], -1).double()
+                logits = q @ k.T * sm_scale_log2
+                if mask is None:
+                    keep = pos[None, :] < (n - t + t_row + 1)[:, None]
+                else:
+                    mrow = mask[b if mask.shape[0] > 1 else 0][t_row][:, lo:hi]
+                    keep = mrow if mrow.dtype == torch.bool else torch.ones_like(logits, dtype=torch.bool)
+                    if mrow.dtype != torch.bool:
+                        logits = logits + mrow.double().clamp_min(-1e30) * 1.4426950408889634
+                logits = logits.masked_fill(~keep, float("-inf"))
+                mx = logits.amax(-1, keepdim=True) if logits.shape[1] else torch.full((m_rows, 1), float("-inf"))
+                p = torch.exp2(logits - mx.nan_to_num(neginf=0.0))
+                l = p.sum(-1, keepdim=True)
+                o_part[b, :, j] = (p @ latent[b, lo:hi].double() / l.clamp_min(1e-300)).float()
+                lse[b, :, j] = torch.where(l[:, 0] > 0, mx[:, 0] + torch.log2(l[:, 0]), float("-inf")).float()
+
+    return launch
+
+
+@in_process
+@pytest.mark.parametrize("case", ["bare", "length", "bool_mask", "float_mask_two_tokens"])
+def test_warp_specialised_stage1_gets_the_splits_mask_and_length(case, monkeypatch):
+    """Where the Gluon stage 1 applies, `decode_attention_triton` hands it the split schedule, the mask and the
+    length, launches no Triton stage 1 (not even the row classification of a bool mask) and merges its partials
+    with the same stage 2: with a PyTorch stand-in for the Gluon kernel the result is the reference's."""
+    from transmla_surgery.kernels import mla_decode as md
+
+    calls = []
+    monkeypatch.setattr(md, "_ws_applies", lambda *a: True)
+    monkeypatch.setattr(md._ws, "launch_stage1", _emulated_ws_stage1(calls))
+    launches = _spy_launches(monkeypatch)
+    t = 2 if case == "float_mask_two_tokens" else 1
+    b, s = 3, 300
+    q_lat, q_rope, lat, kr, buf = _inputs(b, t, 4, 32, 16, s, torch.float32, seed=21)
+    mask = kv_len = None
+    ref_lat, ref_kr = lat, kr
+    if case == "length":
+        kv_len = torch.tensor([300, 170, 77])
+    if case == "bool_mask":
+        keep = torch.rand(b, 1, s, generator=torch.Generator().manual_seed(3)) > 0.3
+        keep[..., -1] = True
+        mask = keep
+    if case == "float_mask_two_tokens":
+        bias = torch.randn(b, t, s, generator=torch.Generator().manual_seed(4))
+        bias[:, :, ::5] = torch.finfo(torch.float32).min
+        mask = bias
+    out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, mask, kv_len, num_splits=4,
+                                  config=KernelConfig(block_n=16, block_h=16, num_stages=1, ring_slots=20))
+    # 4 splits of 300 tokens asked: 75 rounded up to the Gluon kernel's 64-token tiles is 128, so 3 splits
+    assert len(calls) == 1 and calls[0]["nbuf"] == 20
+    assert (calls[0]["split_len"], calls[0]["num_splits"]) == (128, 3)
+    assert (calls[0]["mask"] is None) == (mask is None) and (calls[0]["kv_len"] is None) == (kv_len is None)
+    assert [st for st, _, _ in launches] == [2]  # the merge only
+    if case == "length":
+        refs = [_ref(q_lat[i:i + 1], q_rope[i:i + 1], lat[i:i + 1, :n], kr[i:i + 1, :n], 0.1)
+                for i, n in enumerate(kv_len.tolist())]
+        ref = torch.cat(refs)
+    else:
+        ref = _ref(q_lat, q_rope, ref_lat, ref_kr, 0.1, mask)
+    assert _err(out, ref) < 1e-5

@@ -448,6 +448,12 @@ def _build_segments(batch: int, tiles_per_row: int, programs: int, device: torch
     return table, torch.tensor(count, dtype=torch.int32, device=device), max(count)
 
 
+def _ws_applies(interpret: bool, q_lat, q_rope, latent, k_rope, mask, kv_len) -> bool:
+    """Whether the warp-specialised Gluon stage 1 takes the call (compiled launches on a Hopper GPU, its
+    geometry): `mla_decode_ws.supported`, never under the interpreter (Gluon has none)."""
+    return not interpret and _ws.supported(q_lat, q_rope, latent, k_rope, mask, kv_len)
+
+
 def auto_config(batch: int, head_blocks: int, seq_len: int) -> KernelConfig:
     """The launch configuration for a call with ``config=None``: `LARGE_WORK_CONFIG` from `LARGE_WORK_TILES`
     tiles of work on, `DEFAULT_CONFIG` below (tiles counted with the default's ``block_n``)."""
@@ -495,7 +501,7 @@ def decode_attention_triton(
         qr = qr.contiguous()
 
     interpret = _interpreting()
-    use_ws = cfg.ring_slots > 0 and not interpret and _ws.supported(q_lat, q_rope, latent, k_rope, mask, kv_len)
+    use_ws = cfg.ring_slots > 0 and _ws_applies(interpret, q_lat, q_rope, latent, k_rope, mask, kv_len)
     if use_ws:  # the warp-specialised stage 1: one block per SM, 64-token tiles, on the split schedule
         cfg = replace(cfg, ctas_per_sm=1, block_n=_ws.TILE_TOKENS, block_h=_ws.ROW_BLOCK, streamed=False)
     block_h = max(16, min(cfg.block_h, triton.next_power_of_2(m_rows)))
