@@ -7,14 +7,15 @@ Sections (each writes its entries to ``decode.json`` as soon as it ends; a faili
 next one runs):
 
 1. ``copy``: the card's device-to-device copy bandwidth (bytes read + written), the ceiling for the rest.
-2. ``check``: correctness on the device: the Triton kernel against the float32 PyTorch reference (bf16 and fp32,
-   masks, a static cache's length bound); the fused RoPE (alone, and with the static cache's update) bitwise
+2. ``check``: correctness on the device: the decode kernel against the float32 PyTorch reference (bf16, fp16 and
+   fp32, masks, a static cache's length bound; the warp-specialised Gluon stage 1 wherever it applies, the
+   Triton one elsewhere and in the configurations without ring slots); the fused RoPE (alone, and with the static cache's update) bitwise
    against PyTorch; a tiny model converted with `convert_to_mla` (input projections fused): generation with
    `MLAStaticCache` + kernel == uncached generation (float32, token for token), and a CUDA-graph replay of a
    decode step == the eager step.
 3. ``attention``: one layer's decode attention alone, batch 1/16/64 × 4K/8K/32K cached tokens, 32 heads:
-   the Triton kernel as the library launches it (its automatic choice of configuration; a few configurations
-   swept where it matters), the plain PyTorch absorbed path, and SDPA for MHA (32 KV heads × 128)
+   the kernel as the library launches it (its automatic choice: on Hopper the warp-specialised stage 1; the
+   Triton stage 1 swept beside it where it matters), the plain PyTorch absorbed path, and SDPA for MHA (32 KV heads × 128)
    and GQA-8. Each timed as back-to-back CUDA-graph replays, rotating over enough copies of the inputs to exceed
    the L2 cache.
 4. ``e2e``: random-weight Llama-2-7B-shaped (MHA) and Llama-3-8B-shaped (GQA-8) models in bf16, original

@@ -13,7 +13,12 @@
 2. ``attention``: the attention call alone at the goal's shapes and the Llama-3-8B shape's end-to-end batch at
    8K: the library's automatic choice (`mla_decode.auto_config`), the two configurations it chooses between, and
    one-block-per-SM variants with 32-token tiles.
-3. ``e2e``: Llama-3-8B and Llama-2-7B shapes at 8K, original against converted (`decode.time_decode`, the same
+3. ``ws``, ``wsfixed``, ``wstiming``: the warp-specialised Gluon stage 1 (`kernels/mla_decode_ws.py`): checks
+   against the float64 reference and time per call beside the Triton stage 1; where a batch-16 call's fixed
+   cost goes (contexts from one tile to 32K, stage 1 alone and whole, one call per graph and eight over eight
+   caches); per-program global-timer stamps (queries, first tile, loop, epilogue, and per tile: scores,
+   softmax, outputs).
+4. ``e2e``: Llama-3-8B and Llama-2-7B shapes at 8K, original against converted (`decode.time_decode`, the same
    harness as decode.py): the library as it is, without the RoPE-and-write launch, without the fused input
    projections, without both (run 7's code), each step's time recorded.
 Earlier calls of this script, each on a fresh H200 (bench/results/decode.md): runs 6 and 7,
@@ -22,7 +27,8 @@ Earlier calls of this script, each on a fresh H200 (bench/results/decode.md): ru
 schedule); run 8, ``decode_select.run7.json`` … ``.run9.json`` (the RoPE-and-write launch, the fused input
 projections, 32-token tiles; a merge applying ``W_UV``, commit ab881b9, slower; per-step times),
 ``.run10.json`` … ``.run12.json`` (``length``: before, with two changes that did not help, after the padding
-classification and the split schedule for calls with a length).
+classification and the split schedule for calls with a length); runs 9-10, ``.run13.json`` … ``.run20.json``
+(the warp-specialised stage 1's design steps, decode.md).
 Prints a short table last. ``--smoke`` runs tiny shapes on any device.
 """
 
