@@ -123,11 +123,11 @@ class KernelConfig:
     ring_slots: int = 0
 
 
-# Where the warp-specialised Gluon stage 1 applies (a Hopper GPU, the bare call: no mask, no length; 16-bit,
-# 512 + 64, at most 32 query rows), both configurations below run it, with 20 ring slots of 8 KiB: on an H200 it
-# streams the cache at 93-104% of the copy bandwidth where the Triton stage 1 reaches 82-97% (batch 64 × 8K 152
-# against 175 µs, 191 × 8320 455 against 471, 16 × 8K 51.8 against 54.8; decode_select.run16/17, decode.md run 9).
-# 22 slots measured the same within 1%. Elsewhere the Triton stage 1 runs as configured below.
+# Where the warp-specialised Gluon stage 1 applies (a Hopper GPU; 16-bit, 512 + 64, at most 32 query rows; any
+# mask, any length), both configurations below run it, with 20 ring slots of 8 KiB: on an H200 it streams the
+# cache at 91-106% of the copy bandwidth where the Triton stage 1 reaches 82-97% (batch 64 × 8K 150-157 against
+# 175-177 µs, 191 × 8320 454 against 471-523, 16 × 8K 49-51 against 53; decode.md, runs 9-10). 22 slots measured
+# the same within 1%. Elsewhere the Triton stage 1 runs as configured below.
 WS_RING_SLOTS = 20
 # Default launch parameters of the Triton stage 1, from `bench/decode.py` on an H200 (bench/results/decode.md, runs 3 and 4): 64-token
 # tiles, 4 warps, 3 stages. The third stage (184 KiB of shared memory as compiled for sm_90,
