@@ -685,11 +685,12 @@ def _emulated_ws_stage1(calls):
     row's normalised partial output and base-2 log-sum-exp, the mask or the causal rule deciding which keys count."""
 
     def launch(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2, *,
-               mask=None, kv_len=None, nbuf, pdl):
-        calls.append(dict(split_len=split_len, num_splits=num_splits, mask=mask, kv_len=kv_len, nbuf=nbuf))
+               mask_mode=0, mask_t=None, mask_strides=(0, 0, 0), len_t=None, len_stride=0, nbuf, pdl):
+        calls.append(dict(split_len=split_len, num_splits=num_splits, mask_mode=mask_mode, mask=mask_t,
+                          kv_len=len_t, nbuf=nbuf))
         bsz, s = latent.shape[:2]
         for b in range(bsz):
-            n = s if kv_len is None else min(int(kv_len.reshape(-1)[b if kv_len.numel() > 1 else 0]), s)
+            n = s if len_t is None else min(int(len_t[b * len_stride]), s)
             q = torch.cat([ql[b], qr[b]], -1).double().reshape(m_rows, -1)  # rows token-major, head-minor
             t_row = torch.arange(m_rows) // h
             for j in range(num_splits):
@@ -697,12 +698,12 @@ def _emulated_ws_stage1(calls):
                 pos = torch.arange(lo, max(lo, hi))
                 k = torch.cat([latent[b, lo:hi], k_rope[b, lo:hi]], -1).double()
                 logits = q @ k.T * sm_scale_log2
-                if mask is None:
+                if mask_mode == 0:
                     keep = pos[None, :] < (n - t + t_row + 1)[:, None]
                 else:
-                    mrow = mask[b if mask.shape[0] > 1 else 0][t_row][:, lo:hi]
-                    keep = mrow if mrow.dtype == torch.bool else torch.ones_like(logits, dtype=torch.bool)
-                    if mrow.dtype != torch.bool:
+                    mrow = mask_t[b if mask_strides[0] else 0][t_row if mask_strides[1] else 0 * t_row][:, lo:hi]
+                    keep = mrow != 0 if mask_mode == 1 else torch.ones_like(logits, dtype=torch.bool)
+                    if mask_mode == 2:
                         logits = logits + mrow.double().clamp_min(-1e30) * 1.4426950408889634
                 logits = logits.masked_fill(~keep, float("-inf"))
                 mx = logits.amax(-1, keepdim=True) if logits.shape[1] else torch.full((m_rows, 1), float("-inf"))
@@ -746,6 +747,7 @@ def test_warp_specialised_stage1_gets_the_splits_mask_and_length(case, monkeypat
     # 4 splits of 300 tokens asked: 75 rounded up to the Gluon kernel's 64-token tiles is 128, so 3 splits
     assert len(calls) == 1 and calls[0]["nbuf"] == 20
     assert (calls[0]["split_len"], calls[0]["num_splits"]) == (128, 3)
+    assert calls[0]["mask_mode"] == (0 if mask is None else 1 if mask.dtype == torch.bool else 2)
     assert (calls[0]["mask"] is None) == (mask is None) and (calls[0]["kv_len"] is None) == (kv_len is None)
     assert [st for st, _, _ in launches] == [2]  # the merge only
     if case == "length":

@@ -555,19 +555,22 @@ def decode_attention_triton(
     # PDL only in compiled launches on Hopper or newer: the interpreter cannot run the `griddepcontrol` asm
     pdl = bool(cfg.pdl) and not interpret and latent.is_cuda and _pdl_capable(latent.device.index or 0)
     launch_kw = {"launch_pdl": True} if pdl else {}
-    # One query token and a bool mask (decode in `generate`): a mask read in every tile costs the register-bound
-    # loop 50-80% (decode.md, run 8), and within the length it is nearly always left padding. One small launch
-    # classifies each row; rows that are left padding run without reading the mask, the others with it.
-    passes = [(mask_mode, 0)]
     prefix = ql
-    if mask_mode == 1 and t == 1 and not use_ws:
+    if use_ws:  # mask and length in the same launch: it reads one mask row per tile, not one per head
+        _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, scale * LOG2E,
+                          mask_mode=mask_mode, mask_t=mask_t if mask_mode else None, mask_strides=mstr,
+                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl)
+        passes = []
+    elif mask_mode == 1 and t == 1:
+        # One query token and a bool mask (decode in `generate`): a mask read in every tile costs the
+        # register-bound loop 50-80% (decode.md, run 8), and within the length it is nearly always left padding.
+        # One small launch classifies each row; rows that are left padding run without reading the mask, the
+        # others with it.
         prefix = torch.empty(b, 2, device=ql.device, dtype=torch.int32)
         prefix_kernel[(b,)](mask_t, len_t, prefix, mstr[0], mstr[2], len_stride, s, HAS_LEN=has_len, BLOCK=1024)
         passes = [(3, 1), (1, 2)]
-    if use_ws:  # mask and length in the same launch: it reads one mask row per tile, not one per head
-        _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, scale * LOG2E,
-                          mask=mask, kv_len=kv_len, nbuf=cfg.ring_slots, pdl=pdl)
-        passes = []
+    else:
+        passes = [(mask_mode, 0)]
     try:
         for pass_mask, pass_prefix in passes:
             stage1[(head_blocks, segments.shape[0]) if streamed else (head_blocks, num_splits, b)](

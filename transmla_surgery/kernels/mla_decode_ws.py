@@ -422,32 +422,27 @@ def descriptors(latent: torch.Tensor, k_rope: torch.Tensor):
 
 
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
-                  *, mask: torch.Tensor | None = None, kv_len: torch.Tensor | None = None,
-                  nbuf: int = DEFAULT_NBUF, pdl: bool = False, timing: torch.Tensor | None = None) -> None:
+                  *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
+                  len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
+                  pdl: bool = False, timing: torch.Tensor | None = None) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
-    ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. ``timing`` (a diagnostic,
-    int64 ``[B · num_splits, 136]``): per-program timestamps, see `_stage1_ws`. ``mask``: bool (True = attend) or additive,
-    ``[B or 1, T, S]``, any strides; ``kv_len``: int tensor ``[]``, ``[1]`` or ``[B]``."""
+    ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
+    come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
+    read as bytes, 2 additive), ``mask_t`` ``[B or 1, T, S]`` with ``mask_strides`` (0 where broadcast); ``len_t``
+    (flat int tensor) with ``len_stride`` (0: one length for all rows). ``timing`` (a diagnostic, int64
+    ``[B · num_splits, 136]``): per-program timestamps, see `_stage1_ws`."""
     assert lse.stride(-1) == 1
     b, s = latent.shape[0], latent.shape[1]
     c_desc, r_desc = descriptors(latent, k_rope)
     kw = {"launch_pdl": True} if pdl else {}
-    len_t = lse if kv_len is None else kv_len.reshape(-1)
-    if mask is None:
-        mask_mode, mask_t, mstr = 0, lse, (0, 0, 0)
-    else:
-        mask = mask[..., :s]
-        mask_mode, mask_t = (1, mask.view(torch.uint8)) if mask.dtype == torch.bool else (2, mask)
-        mstr = (mask_t.stride(0) if mask_t.shape[0] > 1 else 0, mask_t.stride(1) if mask_t.shape[1] > 1 else 0,
-                mask_t.stride(2))
     _stage1_ws[(num_splits, b)](
-        ql, qr, c_desc, r_desc, mask_t, len_t, o_part, lse,
+        ql, qr, c_desc, r_desc, lse if mask_t is None else mask_t, lse if len_t is None else len_t, o_part, lse,
         ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
-        *mstr,
-        1 if kv_len is not None and len_t.numel() > 1 else 0,
+        *mask_strides,
+        len_stride,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
-        NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=kv_len is not None, PDL=pdl, TIMING=timing is not None,
-        num_warps=4, **kw,
+        NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
+        TIMING=timing is not None, num_warps=4, **kw,
     )
