@@ -22,42 +22,52 @@ pytest.importorskip("triton")
 HOPPER_SMEM_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 
 
-def _compile_all() -> dict:
-    """Child side: compile each variant, report shared memory and pipelining evidence from the PTX."""
+def _build(kernel, consts: dict, ptrs: dict, stages: int, warps: int = 4, source=None,
+           aligned_strides: bool = True) -> dict:
+    """Compile ``kernel`` for sm_90 as a launch from PyTorch would (``source``: Triton's `ASTSource`, or Gluon's
+    for a Gluon kernel) and report shared memory and what its PTX holds."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    fn = kernel.fn
+    names = list(inspect.signature(fn).parameters)
+    consts = {"PDL": False, **consts} if "PDL" in names else consts
+    for flag in ("TABLE", "COUNTS"):  # the split schedule unless asked
+        if flag in names:
+            consts.setdefault(flag, False)
+    ptrs = {"Segments": "*i32", "Counts": "*i32", "Prefix": "*i32", **ptrs}
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in ptrs:
+            sig[n] = ptrs[n]
+        elif n == "sm_scale_log2":
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i64" if n.startswith("stride") else "i32"
+    # what a launch from PyTorch specialises: 16-byte aligned pointers, strides that are multiples of 16
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if sig[n].startswith("*") or (aligned_strides and n.startswith("stride")
+                                             and n not in ("stride_lb", "stride_lsem"))}
+    k = triton.compile((source or ASTSource)(kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 64),
+                       options={"num_warps": warps, "num_stages": stages})
+    ptx = k.asm["ptx"]
+    return {"shared": k.metadata.shared, "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+            "mma": ptx.count("mma.sync") + ptx.count("wgmma.mma_async"), "wgmma": ptx.count("wgmma.mma_async"),
+            "tma": ptx.count("cp.async.bulk.tensor"), "setmaxnreg": ptx.count("setmaxnreg"),
+            "globaltimer": ptx.count("globaltimer"), "gdc_wait": ptx.count("griddepcontrol.wait"),
+            "gdc_launch": ptx.count("griddepcontrol.launch_dependents")}
+
+
+def _compile_all() -> dict:
+    """Child side: compile each variant, report shared memory and pipelining evidence from the PTX."""
     from transmla_surgery.kernels import mla_decode as md
 
     stage1, stage2, prefix = md._kernels(False)
 
-    def build(kernel, consts: dict, ptrs: dict, stages: int, warps: int = 4) -> dict:
-        fn = kernel.fn
-        names = list(inspect.signature(fn).parameters)
-        consts = {"PDL": False, **consts} if "PDL" in names else consts
-        for flag in ("TABLE", "COUNTS"):  # the split schedule unless asked
-            if flag in names:
-                consts.setdefault(flag, False)
-        ptrs = {"Segments": "*i32", "Counts": "*i32", "Prefix": "*i32", **ptrs}
-        sig = {}
-        for n in names:
-            if n in consts:
-                sig[n] = "constexpr"
-            elif n in ptrs:
-                sig[n] = ptrs[n]
-            elif n == "sm_scale_log2":
-                sig[n] = "fp32"
-            else:
-                sig[n] = "i64" if n.startswith("stride") else "i32"
-        # what a launch from PyTorch specialises: 16-byte aligned pointers, strides that are multiples of 16
-        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                   if sig[n].startswith("*") or (n.startswith("stride") and n not in ("stride_lb", "stride_lsem"))}
-        k = triton.compile(ASTSource(kernel, sig, consts, aligned), target=GPUTarget("cuda", 90, 64),
-                           options={"num_warps": warps, "num_stages": stages})
-        ptx = k.asm["ptx"]
-        return {"shared": k.metadata.shared, "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
-                "mma": ptx.count("mma.sync"), "gdc_wait": ptx.count("griddepcontrol.wait"),
-                "gdc_launch": ptx.count("griddepcontrol.launch_dependents")}
+    build = _build
 
     out = {}
     for dtype in ("bf16", "fp16"):
@@ -124,9 +134,7 @@ def _compile_ws() -> dict:
     """The warp-specialised Gluon stage 1 (`mla_decode_ws`) as a launch compiles it: both 16-bit dtypes, each mask
     mode with and without a length, one and several query tokens; PDL and the timing diagnostic once each."""
     import torch
-    import triton
     from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
 
     from transmla_surgery.kernels import mla_decode_ws as ws
@@ -140,35 +148,11 @@ def _compile_ws() -> dict:
         host = torch.zeros(128, 576, dtype=tdtype)
         desc = ws.TensorDescriptor(host[:, :512], [128, 512], [576, 1], [64, 64], ws.nvmma_layout(tdtype))
         desc_type = native_specialize_impl(CUDABackend, desc, False, True, True)[0]  # what a launch passes
-        fn = ws._stage1_ws
-        names = list(inspect.signature(fn.fn).parameters)
-        consts = {"NBUF": ws.DEFAULT_NBUF, "PDL": False, "TIMING": False, **consts}
-        sig = {}
-        for n in names:
-            if n in consts:
-                sig[n] = "constexpr"
-            elif n in ("QL", "QR"):
-                sig[n] = f"*{dtype}"
-            elif n in ("c_desc", "r_desc"):
-                sig[n] = desc_type
-            elif n == "Mask":
-                sig[n] = "*u8" if consts["MASK_MODE"] == 1 else f"*{dtype}"
-            elif n in ("O_part", "Lse"):
-                sig[n] = "*fp32"
-            elif n in ("Len", "Timing"):
-                sig[n] = "*i64"
-            elif n == "sm_scale_log2":
-                sig[n] = "fp32"
-            else:
-                sig[n] = "i32"
-        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
-        k = triton.compile(GluonASTSource(fn, sig, consts, aligned), target=GPUTarget("cuda", 90, 64),
-                           options={"num_warps": 4})
-        ptx = k.asm["ptx"]
-        return {"shared": k.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
-                "tma": ptx.count("cp.async.bulk.tensor"), "setmaxnreg": ptx.count("setmaxnreg"),
-                "globaltimer": ptx.count("globaltimer"), "gdc_wait": ptx.count("griddepcontrol.wait"),
-                "gdc_launch": ptx.count("griddepcontrol.launch_dependents"), "mma": ptx.count("wgmma.mma_async")}
+        ptrs = {"QL": f"*{dtype}", "QR": f"*{dtype}", "c_desc": desc_type, "r_desc": desc_type,
+                "Mask": "*u8" if consts["MASK_MODE"] == 1 else f"*{dtype}", "O_part": "*fp32", "Lse": "*fp32",
+                "Len": "*i64", "Timing": "*i64"}
+        return _build(ws._stage1_ws, {"NBUF": ws.DEFAULT_NBUF, "TIMING": False, **consts}, ptrs, 3,
+                      source=GluonASTSource, aligned_strides=False)
 
     out = {}
     for dtype in ("bf16", "fp16"):
