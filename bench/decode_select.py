@@ -252,114 +252,6 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         D.free(dev)
 
 
-WS_VARIANTS = {"base": {}, "fused merge": dict(fused_merge=True)}
-
-
-def wsvar_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
-    """The warp-specialised stage 1 with and without `KernelConfig.fused_merge` (tiles shared dynamically among a
-    row's programs, partials merged inside stage 1; run 21 also timed one ready barrier per tile): each checked
-    against the float64 reference (lengths, masks, two query tokens, explicit split counts, the same call three
-    times and a CUDA graph replayed five times: the in-kernel merge's counters must be back at 0 after every
-    call), then timed interleaved, twice, as graphs over distinct caches."""
-    from transmla_surgery.kernels import mla_decode as md
-
-    heads, r, dr = 32, 512, 64
-    scale = 192**-0.5
-    # (batch, query tokens, heads, context, dtype, splits, lengths, mask kind)
-    cases = [(16, 1, 32, 8192, torch.bfloat16, None, None, None), (4, 1, 32, 4099, torch.bfloat16, None, None, None),
-             (3, 1, 32, 2000, torch.bfloat16, 8, "rows", None), (5, 2, 16, 777, torch.float16, 3, None, "additive"),
-             (6, 1, 32, 1500, torch.bfloat16, 4, "rows", "bool"), (2, 1, 32, 700, torch.bfloat16, 2, None, None),
-             (2, 1, 32, 1300, torch.bfloat16, 9, None, None), (1, 1, 8, 3000, torch.float16, 7, "one", None),
-             (64, 1, 32, 2048, torch.bfloat16, None, None, None)]
-    torch.manual_seed(0)
-    for label, switches in WS_VARIANTS.items():
-        cfg = replace(md.DEFAULT_CONFIG, **switches)
-        for b, t, h, s, dtype, splits, lens, mkind in cases:
-            q_lat = torch.randn(b, t, h, r, device=dev, dtype=dtype)
-            q_rope = torch.randn(b, t, h, dr, device=dev, dtype=dtype)
-            kv = torch.randn(b, s, r + dr, device=dev, dtype=dtype)
-            lat, kr = kv[..., :r], kv[..., r:]
-            kv_len = None
-            if lens == "rows":
-                kv_len = torch.randint(s // 3, s + 1, (b,), device=dev)
-                kv_len[0] = 1  # most splits of this row empty
-                for i in range(b):
-                    kv[i, int(kv_len[i]):] = float("nan")  # past the length: never read
-            elif lens == "one":
-                kv_len = torch.tensor(s - 100, device=dev)
-            mask = None
-            if mkind == "bool":
-                mask = torch.ones(b, t, s, dtype=torch.bool, device=dev)
-                mask[:, :, : s // 5] = False
-                mask[1, :, :] = True
-            elif mkind == "additive":
-                mask = torch.randn(b, t, s, device=dev, dtype=dtype)
-            ref_mask = mask
-            if kv_len is not None:  # the reference sees the length as a mask (and the NaN rows as zeros)
-                keep = torch.arange(s, device=dev)[None, :] < kv_len.reshape(-1, 1).expand(b, 1)
-                kvz = torch.where(keep[..., None], kv, torch.zeros_like(kv))
-                lat_r, kr_r = kvz[..., :r], kvz[..., r:]
-                lm = keep[:, None, :].expand(b, t, s)
-                if mask is None:
-                    ref_mask = lm
-                elif mask.dtype == torch.bool:
-                    ref_mask = mask & lm
-                else:
-                    ref_mask = torch.where(lm, mask, torch.full_like(mask, float("-inf")))
-            else:
-                lat_r, kr_r = lat, kr
-            ref = decode_attention_reference(q_lat.double(), q_rope.double(), lat_r.double(), kr_r.double(), scale,
-                                             None if ref_mask is None else (ref_mask if ref_mask.dtype == torch.bool else ref_mask.double()))
-            try:
-                outs = [md.decode_attention_triton(q_lat, q_rope, lat, kr, scale, mask, kv_len, num_splits=splits,
-                                                   config=cfg) for _ in range(3)]
-                err = max(D.rel(o, ref) for o in outs)
-                same = all(torch.equal(outs[0], o) for o in outs[1:])
-                graph = torch.cuda.CUDAGraph()
-                static = {}
-                with torch.cuda.graph(graph):
-                    static["o"] = md.decode_attention_triton(q_lat, q_rope, lat, kr, scale, mask, kv_len,
-                                                             num_splits=splits, config=cfg)
-                for _ in range(5):
-                    graph.replay()
-                torch.cuda.synchronize(dev)
-                same = same and torch.equal(static["o"], outs[0])
-                sync = md._SYNC_BUFFERS.get(dev if dev.index is not None else torch.device("cuda", 0))
-                clean = sync is None or int(sync.abs().sum()) == 0
-                ok = err < 1e-2 and same and clean
-            except Exception as exc:
-                err, ok, same, clean = float("nan"), False, False, False
-                log(f"wsvar check {label} B={b} T={t} S={s}: failed {repr(exc)[:300]}")
-            ROWS.append(dict(kind="wsvar_check", variant=label, batch=b, tokens=t, heads=h, context=s,
-                             dtype=str(dtype), splits=splits, lengths=lens, mask=mkind, rel_err=err,
-                             repeat_and_graph_equal=same, counters_zero=clean, ok=ok))
-            log(f"wsvar check {label:13s} B={b:2d} T={t} H={h:2d} S={s:5d} splits={splits} len={lens} mask={mkind}"
-                f" err={err:.2e} same={same} zero={clean} {'OK' if ok else 'FAIL'}")
-    shapes = [(1, 8192), (16, 4096), (16, 8192), (16, 32768), (54, 8320), (64, 8192), (191, 8320)]
-    dtype = torch.bfloat16
-    for b, s in shapes:
-        nbytes = b * s * (r + dr) * 2 + b * heads * (r + dr) * 2 + b * heads * r * 2
-        copies = max(1, min(8, -(-(256 << 20) // nbytes)))
-        q_lat = [torch.randn(b, 1, heads, r, device=dev, dtype=dtype) for _ in range(copies)]
-        q_rope = [torch.randn(b, 1, heads, dr, device=dev, dtype=dtype) for _ in range(copies)]
-        kv = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(copies)]
-        for rep in range(2):
-            for label, switches in WS_VARIANTS.items():
-                cfg = replace(md.DEFAULT_CONFIG, **switches)
-                try:
-                    ms = D.time_graph(lambda: [md.decode_attention_triton(q_lat[i], q_rope[i], kv[i][..., :r], kv[i][..., r:], 0.07, config=cfg)
-                                               for i in range(copies)], dev, reps=30, inner=copies)
-                except Exception as exc:
-                    log(f"wsvar time B={b} S={s} {label}: failed {repr(exc)[:200]}")
-                    continue
-                ROWS.append(dict(kind="ws_time", batch=b, context=s, variant=label, rep=rep, us=ms * 1e3,
-                                 TBps=nbytes / (ms * 1e-3) / 1e12, fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
-                log(f"wsvar time B={b:4d} S={s:6d} {label:14s} {ms * 1e3:8.1f} us {nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s "
-                    f"({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
-        del q_lat, q_rope, kv
-        D.free(dev)
-
-
 def _stage1_inputs(dev: torch.device, b: int, s: int, layers: int):
     """Queries, ``layers`` distinct caches (a model's layers) and the partial buffers of one split-schedule call
     of the warp-specialised stage 1: ``(q_lat, q_rope, caches, splits, split_len, o_part, lse)``."""
@@ -435,18 +327,14 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
 
     heads, r = 32, 512
     layers = 8
-    for (b, s), variant in (((16, 8192), "base"), ((16, 8192), "fused merge"), ((64, 8192), "fused merge")):
+    for b, s in ((16, 8192), (64, 8192)):
         q_lat, q_rope, kvs, splits, split_len, o_part, lse = _stage1_inputs(dev, b, s, layers)
         stamps = torch.zeros(layers, b * splits, 136, device=dev, dtype=torch.int64)
-        sw = WS_VARIANTS[variant]
-        out = torch.empty(b, 1, heads, r, device=dev, dtype=torch.bfloat16)
-        sync = md._fused_merge_sync(b, splits, q_lat.device) if sw.get("fused_merge") else None
 
         def run():
             for i, kv in enumerate(kvs):
                 md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads,
-                                     split_len, splits, 0.1, nbuf=20, pdl=True, timing=stamps[i],
-                                     out=out if sync is not None else None, sync=sync)
+                                     split_len, splits, 0.1, nbuf=20, pdl=True, timing=stamps[i])
 
         ms = D.time_graph(run, dev, reps=10, inner=layers)
         st = stamps.double().cpu()
@@ -461,8 +349,6 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                        first_tile_med=(f - q).median().item(), first_tile_max=(f - q).max().item(),
                        loop_min=(lp - f).min().item(), loop_med=(lp - f).median().item(), loop_max=(lp - f).max().item(),
                        epilogue_med=(ep - lp).median().item(), epilogue_max=(ep - lp).max().item(),
-                       merge_med=((x[:, 7] - ep).median().item() if sync is not None else float("nan")),
-                       merge_max=((x[:, 7] - ep).max().item() if sync is not None else float("nan")),
                        end_med=ep.median().item(), end_max=ep.max().item(), next_entry=nxt,
                        sms=int(torch.unique(st[i, :, 6]).numel()))
             # per tile: waiting for data + scores, softmax, output products; medians over programs, µs
@@ -473,9 +359,8 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             row["tile_output_med"] = [round(v, 3) for v in (pt[:, :, 3] - pt[:, :, 2]).median(0).values.tolist()]
             row["tile_period_med"] = [round(v, 3) for v in (pt[:, 1:, 0] - pt[:, :-1, 0]).median(0).values.tolist()]
             info.append(row)
-        ROWS.append(dict(kind="wstiming", batch=b, context=s, variant=variant, splits=splits, us_per_call=ms * 1e3,
-                         layers=info))
-        log(f"wstiming {variant} B={b} S={s} splits={splits} programs={b * splits}: {ms * 1e3:.1f} us per call")
+        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, us_per_call=ms * 1e3, layers=info))
+        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits}: {ms * 1e3:.1f} us per call")
         for row in info[2:3]:
             log("  " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                 if not isinstance(v, list)))
@@ -628,7 +513,6 @@ def main() -> None:
          "ws": lambda: ws_section(dev, copy_bw, args.smoke),
          "wsfixed": lambda: wsfixed_section(dev, copy_bw, args.smoke),
          "wstiming": lambda: wstiming_section(dev, copy_bw, args.smoke),
-         "wsvar": lambda: wsvar_section(dev, copy_bw, args.smoke),
          "e2e": lambda: e2e_section(dev, copy_bw, args.smoke)}[section]()
         (out / "decode_select.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print("\n" + table(), flush=True)

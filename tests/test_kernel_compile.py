@@ -58,9 +58,7 @@ def _build(kernel, consts: dict, ptrs: dict, stages: int, warps: int = 4, source
             "mma": ptx.count("mma.sync") + ptx.count("wgmma.mma_async"), "wgmma": ptx.count("wgmma.mma_async"),
             "tma": ptx.count("cp.async.bulk.tensor"), "setmaxnreg": ptx.count("setmaxnreg"),
             "globaltimer": ptx.count("globaltimer"), "gdc_wait": ptx.count("griddepcontrol.wait"),
-            "gdc_launch": ptx.count("griddepcontrol.launch_dependents"),
-            "release": ptx.count("red.release.gpu"), "acquire": ptx.count("ld.acquire.gpu"),
-            "claims": ptx.count("atom.relaxed.gpu.global.add")}
+            "gdc_launch": ptx.count("griddepcontrol.launch_dependents")}
 
 
 def _compile_all() -> dict:
@@ -152,9 +150,9 @@ def _compile_ws() -> dict:
         desc_type = native_specialize_impl(CUDABackend, desc, False, True, True)[0]  # what a launch passes
         ptrs = {"QL": f"*{dtype}", "QR": f"*{dtype}", "c_desc": desc_type, "r_desc": desc_type,
                 "Mask": "*u8" if consts["MASK_MODE"] == 1 else f"*{dtype}", "O_part": "*fp32", "Lse": "*fp32",
-                "Len": "*i64", "Timing": "*i64", "Out": f"*{dtype}", "Sync": "*i32"}
-        consts = {"NBUF": ws.DEFAULT_NBUF, "TIMING": False, "MERGE": False, "MSPL": 8, **consts}
-        return _build(ws._stage1_ws, consts, ptrs, 3, source=GluonASTSource, aligned_strides=False)
+                "Len": "*i64", "Timing": "*i64"}
+        return _build(ws._stage1_ws, {"NBUF": ws.DEFAULT_NBUF, "TIMING": False, **consts}, ptrs, 3,
+                      source=GluonASTSource, aligned_strides=False)
 
     out = {}
     for dtype in ("bf16", "fp16"):
@@ -164,10 +162,6 @@ def _compile_ws() -> dict:
             out[key] = build(dtype, dict(MASK_MODE=mask_mode, HAS_LEN=has_len, ONE_TOKEN=one))
     out["pdl ws stage1 bf16"] = build("bf16", dict(MASK_MODE=0, HAS_LEN=False, ONE_TOKEN=True, PDL=True))
     out["ws timing stage1 bf16"] = build("bf16", dict(MASK_MODE=0, HAS_LEN=False, ONE_TOKEN=True, TIMING=True))
-    # the dynamic tile schedule with the in-kernel merge (2 and 8 partials per row held at once; a bool mask)
-    for spl, mask_mode in ((2, 0), (8, 1)):
-        out[f"ws merged stage1 bf16 spl={spl}"] = build("bf16", dict(MASK_MODE=mask_mode, HAS_LEN=True, ONE_TOKEN=True,
-                                                                      MERGE=True, MSPL=spl))
     return out
 
 
@@ -206,21 +200,6 @@ def test_the_warp_specialised_stage1_compiles_for_hopper(compiled):
         assert 180 * 1024 < info["shared"] <= HOPPER_SMEM_BYTES, (key, info)
         assert info["wgmma"] > 0 and info["tma"] > 0 and info["setmaxnreg"] > 0, (key, info)
         assert (info["globaltimer"] > 0) == ("timing" in key), (key, info)
-
-
-def test_the_in_kernel_merge_compiles_only_when_asked(compiled):
-    """``MERGE``: the tile claims and the partials' release at GPU scope, the acquire reads of the row's counter;
-    absent from every other variant, which compile as before the switch existed."""
-    pytest.importorskip("triton.experimental.gluon")
-    merged = [k for k in compiled if "merged" in k]
-    assert len(merged) == 2
-    for key in merged:
-        info = compiled[key]
-        assert info["release"] > 0 and info["acquire"] > 0 and info["claims"] > 0, key
-        assert info["shared"] <= HOPPER_SMEM_BYTES and info["wgmma"] > 0 and info["tma"] > 0, key
-    for key in compiled:
-        if key not in merged:
-            assert compiled[key]["release"] == compiled[key]["acquire"] == compiled[key]["claims"] == 0, key
 
 
 def test_pdl_emits_grid_dependency_control_only_when_on(compiled):

@@ -685,13 +685,9 @@ def _emulated_ws_stage1(calls):
     row's normalised partial output and base-2 log-sum-exp, the mask or the causal rule deciding which keys count."""
 
     def launch(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2, *,
-               mask_mode=0, mask_t=None, mask_strides=(0, 0, 0), len_t=None, len_stride=0, nbuf, pdl,
-               out=None, sync=None):
+               mask_mode=0, mask_t=None, mask_strides=(0, 0, 0), len_t=None, len_stride=0, nbuf, pdl):
         calls.append(dict(split_len=split_len, num_splits=num_splits, mask_mode=mask_mode, mask=mask_t,
-                          kv_len=len_t, nbuf=nbuf, merged=out is not None))
-        assert (out is None) == (sync is None)
-        if sync is not None:  # the in-kernel merge's counters: zero between calls, one column per batch row
-            assert sync.shape[0] == 3 and sync.shape[1] >= latent.shape[0] and not sync.any()
+                          kv_len=len_t, nbuf=nbuf))
         bsz, s = latent.shape[:2]
         for b in range(bsz):
             n = s if len_t is None else min(int(len_t[b * len_stride]), s)
@@ -715,19 +711,13 @@ def _emulated_ws_stage1(calls):
                 l = p.sum(-1, keepdim=True)
                 o_part[b, :, j] = (p @ latent[b, lo:hi].double() / l.clamp_min(1e-300)).float()
                 lse[b, :, j] = torch.where(l[:, 0] > 0, mx[:, 0] + torch.log2(l[:, 0]), float("-inf")).float()
-        if out is not None:  # the merge the kernel then does: weights 2^(lse - max), a row without keys zeros
-            mx = lse.amax(-1, keepdim=True).nan_to_num(neginf=0.0)
-            w = torch.exp2(lse.double() - mx)
-            merged = (w[..., None] * o_part.double()).sum(2) / w.sum(-1, keepdim=True).clamp_min(1e-300)
-            out.copy_(merged.view(bsz, t, h, -1).to(out.dtype))
 
     return launch
 
 
 @in_process
-@pytest.mark.parametrize("fused", [False, True], ids=["merge-launch", "merge-in-kernel"])
 @pytest.mark.parametrize("case", ["bare", "length", "bool_mask", "float_mask_two_tokens"])
-def test_warp_specialised_stage1_gets_the_splits_mask_and_length(case, fused, monkeypatch):
+def test_warp_specialised_stage1_gets_the_splits_mask_and_length(case, monkeypatch):
     """Where the Gluon stage 1 applies, `decode_attention_triton` hands it the split schedule, the mask and the
     length, launches no Triton stage 1 (not even the row classification of a bool mask) and merges its partials
     with the same stage 2: with a PyTorch stand-in for the Gluon kernel the result is the reference's."""
@@ -753,16 +743,13 @@ def test_warp_specialised_stage1_gets_the_splits_mask_and_length(case, fused, mo
         bias[:, :, ::5] = torch.finfo(torch.float32).min
         mask = bias
     out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, mask, kv_len, num_splits=4,
-                                  config=KernelConfig(block_n=16, block_h=16, num_stages=1, ring_slots=20,
-                                                      fused_merge=fused))
+                                  config=KernelConfig(block_n=16, block_h=16, num_stages=1, ring_slots=20))
     # 4 splits of 300 tokens asked: 75 rounded up to the Gluon kernel's 64-token tiles is 128, so 3 splits
     assert len(calls) == 1 and calls[0]["nbuf"] == 20
     assert (calls[0]["split_len"], calls[0]["num_splits"]) == (128, 3)
     assert calls[0]["mask_mode"] == (0 if mask is None else 1 if mask.dtype == torch.bool else 2)
     assert (calls[0]["mask"] is None) == (mask is None) and (calls[0]["kv_len"] is None) == (kv_len is None)
-    assert calls[0]["merged"] == fused
-    # the merge launch only, or nothing more at all when the kernel merges
-    assert [st for st, _, _ in launches] == ([] if fused else [2])
+    assert [st for st, _, _ in launches] == [2]  # the merge only
     if case == "length":
         refs = [_ref(q_lat[i:i + 1], q_rope[i:i + 1], lat[i:i + 1, :n], kr[i:i + 1, :n], 0.1)
                 for i, n in enumerate(kv_len.tolist())]

@@ -121,10 +121,6 @@ class KernelConfig:
     # the bare call): with ``ring_slots`` > 0 it runs with that many 8 KiB ring slots where it applies (the split
     # schedule; ``block_n``/``num_warps``/``num_stages`` do not apply to it), the Triton stage 1 elsewhere.
     ring_slots: int = 0
-    # Warp-specialised stage 1 only: the programs of a batch row share its tiles dynamically (each takes the
-    # next one as it gets ahead) and merge their partials inside stage 1 (`mla_decode_ws._merge_in_kernel`)
-    # instead of a second launch, where every program of the call can be resident at once (`_fused_merge_sync`).
-    fused_merge: bool = False
 
 
 # Where the warp-specialised Gluon stage 1 applies (a Hopper GPU; 16-bit, 512 + 64, at most 32 query rows; any
@@ -452,32 +448,6 @@ def _build_segments(batch: int, tiles_per_row: int, programs: int, device: torch
     return table, torch.tensor(count, dtype=torch.int32, device=device), max(count)
 
 
-_SYNC_BUFFERS: dict[torch.device, torch.Tensor] = {}
-FUSED_MERGE_MAX_SPLITS = 8  # the in-kernel merge holds a row's partials for up to 8 splits in registers
-
-
-def _fused_merge_sync(batch: int, num_splits: int, device: torch.device) -> torch.Tensor | None:
-    """The counters ``[3, capacity]`` int32 (per batch row: programs arrived, programs left, tiles claimed; all
-    0 between calls) through which the programs of one call share a row's tiles and merge their partials inside
-    the warp-specialised stage 1, or ``None`` when
-    that merge does not apply: fewer than 2 or more than `FUSED_MERGE_MAX_SPLITS` splits, or more programs than
-    SMs (the programs of a row wait for each other, so all must be resident at once: one block per SM, and no
-    more blocks than SMs). One buffer per GPU, allocated outside CUDA-graph capture (a capture without one uses
-    the merge launch); each call leaves it zeroed, so calls in one stream, graph replays included, share it.
-    Two of these calls running at the same time on different streams of one GPU would share it too: turn
-    ``fused_merge`` off for that."""
-    slots = _sm_count(device.index or 0) if device.type == "cuda" else CPU_SLOTS
-    if not (2 <= num_splits <= FUSED_MERGE_MAX_SPLITS) or batch * num_splits > slots:
-        return None
-    buf = _SYNC_BUFFERS.get(device)
-    if buf is None or buf.shape[1] < batch:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = torch.zeros(3, max(256, batch), dtype=torch.int32, device=device)
-        _SYNC_BUFFERS[device] = buf
-    return buf
-
-
 def _ws_applies(interpret: bool, q_lat, q_rope, latent, k_rope, mask, kv_len) -> bool:
     """Whether the warp-specialised Gluon stage 1 takes the call (compiled launches on a Hopper GPU, its
     geometry): `mla_decode_ws.supported`, never under the interpreter (Gluon has none)."""
@@ -586,16 +556,10 @@ def decode_attention_triton(
     pdl = bool(cfg.pdl) and not interpret and latent.is_cuda and _pdl_capable(latent.device.index or 0)
     launch_kw = {"launch_pdl": True} if pdl else {}
     prefix = ql
-    sync = None
     if use_ws:  # mask and length in the same launch: it reads one mask row per tile, not one per head
-        if cfg.fused_merge:
-            sync = _fused_merge_sync(b, num_splits, latent.device)
         _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, scale * LOG2E,
                           mask_mode=mask_mode, mask_t=mask_t if mask_mode else None, mask_strides=mstr,
-                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl,
-                          out=out if sync is not None else None, sync=sync)
-        if sync is not None:
-            return out
+                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl)
         passes = []
     elif mask_mode == 1 and t == 1:
         # One query token and a bool mask (decode in `generate`): a mask read in every tile costs the

@@ -115,66 +115,29 @@ if gluon is not None:
                                          pack=1)
 
     @gluon.jit
-    def _load_tile(c_desc, r_desc, ring, ready, empty, tok, i, NBUF: gl.constexpr):
-        """Tile ``i`` of this program (its cache rows ``tok … tok+63``): its 9 chunks into the ring, each copy
-        issued once its slot is handed back."""
-        nbytes: gl.constexpr = BLOCK_N * CHUNK * 2
-        for p in gl.static_range(9):
-            k = i * 9 + p
-            slot = k % NBUF
-            # a fresh barrier counts as having completed the phase before phase 0: the first round passes
-            mbarrier.wait(empty.index(slot), ((k // NBUF) & 1) ^ 1)
-            mbarrier.expect(ready.index(slot), nbytes)
-            if p == 0:
-                tma.async_copy_global_to_shared(r_desc, [tok, 0], ready.index(slot), ring.index(slot))
-            else:
-                tma.async_copy_global_to_shared(c_desc, [tok, (p - 1) * CHUNK], ready.index(slot),
-                                                ring.index(slot))
-
-    @gluon.jit
     def _loader(c_desc, r_desc, ring, ready, empty, row0, start, n_tiles, NBUF: gl.constexpr):
-        """The loader warp, static schedule: the split's tiles in order."""
+        """The loader warp: every chunk of the split's tiles, in order, into the ring (each waits for its slot
+        to be handed back)."""
+        nbytes: gl.constexpr = BLOCK_N * CHUNK * 2
         for i in range(n_tiles):
-            _load_tile(c_desc, r_desc, ring, ready, empty, row0 + start + i * BLOCK_N, i, NBUF)
-
-    @gluon.jit
-    def _claim(counter):
-        """Lane 0 of the warp: ``old = *counter; *counter += 1``; ``old`` for every lane."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b32 l, v; mov.u32 l, %laneid; setp.eq.u32 p, l, 0; mov.u32 v, 0;"
-            " @p atom.relaxed.gpu.global.add.u32 v, [$1], 1; shfl.sync.idx.b32 $0, v, 0, 0x1f, 0xffffffff; }",
-            "=r,l", [counter], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _loader_dynamic(c_desc, r_desc, ring, ready, empty, tidx, tbar, row0, row_tiles, claims, n_splits,
-                        NBUF: gl.constexpr):
-        """The loader warp, dynamic schedule: program ``j`` of a batch row takes the row's tile ``j`` first, then
-        claims tiles ``n_splits, n_splits+1, …`` from the row's counter one at a time (the next claim issued
-        while this tile's copies go out, so its latency hides behind them) until the row has none left; SMs
-        that stream faster take more tiles. Each tile's index goes to the multiplying warpgroup through
-        ``tidx[i % 4]``/``tbar[i % 4]`` before its copies, and -1 after the last. (Local tile ``i``'s index
-        overwrites tile ``i-4``'s only after the slot of chunk ``9i-1`` is free, that is once the consumer is
-        done with tile ``i-3``.)"""
-        il: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-        t = gl.program_id(0)
-        nxt = n_splits + _claim(claims)
-        i = 0
-        while t < row_tiles:
-            tidx.index(i % 4).store(gl.full([1], t, gl.int32, layout=il))
-            mbarrier.arrive(tbar.index(i % 4), count=1)
-            _load_tile(c_desc, r_desc, ring, ready, empty, row0 + t * BLOCK_N, i, NBUF)
-            t = nxt
-            nxt = n_splits + _claim(claims)
-            i += 1
-        tidx.index(i % 4).store(gl.full([1], -1, gl.int32, layout=il))
-        mbarrier.arrive(tbar.index(i % 4), count=1)
+            tok = row0 + start + i * BLOCK_N
+            for p in gl.static_range(9):
+                k = i * 9 + p
+                slot = k % NBUF
+                # a fresh barrier counts as having completed the phase before phase 0: the first round passes
+                mbarrier.wait(empty.index(slot), ((k // NBUF) & 1) ^ 1)
+                mbarrier.expect(ready.index(slot), nbytes)
+                if p == 0:
+                    tma.async_copy_global_to_shared(r_desc, [tok, 0], ready.index(slot), ring.index(slot))
+                else:
+                    tma.async_copy_global_to_shared(c_desc, [tok, (p - 1) * CHUNK], ready.index(slot),
+                                                    ring.index(slot))
 
     @gluon.jit
     def _issue_scores(ring, ready, q_smem, i, NBUF: gl.constexpr, mma: gl.constexpr):
         """Issue tile ``i``'s scores ``Sᵀ = Σ_p K_p · Q_pᵀ`` (rope chunk, then the 8 latent chunks), each chunk's
         product as soon as its copy has landed; asynchronous: 9 MMA groups the caller waits for. (Waiting for
-        all 9 first measured 0-2% slower on an H200, decode_select.run20; one barrier per tile instead of one
-        per slot, 1-3% slower, decode_select.run21.)"""
+        all 9 first measured 0-2% slower on an H200, decode_select.run20.)"""
         base = i * 9
         s = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
         for p in gl.static_range(9):
@@ -184,11 +147,11 @@ if gluon is not None:
         return s
 
     @gluon.jit
-    def _load_mask(Mask, m_base, stride_mt, stride_ms, off, end, t_row, tok0, MASK_MODE: gl.constexpr,
+    def _load_mask(Mask, m_base, stride_mt, stride_ms, i, start, end, t_row, tok0, MASK_MODE: gl.constexpr,
                    ONE_TOKEN: gl.constexpr):
-        """The mask values of the tile starting at token ``off``: ``[64]`` (one query token: one mask row for all
-        heads) or ``[64, ROWS]``; issued before the tile's scores so that the load's latency hides behind them."""
-        offs = off + tok0
+        """Tile ``i``'s mask values: ``[64]`` (one query token: one mask row for all heads) or ``[64, ROWS]``;
+        issued before the tile's scores so that the load's latency hides behind them."""
+        offs = start + i * BLOCK_N + tok0
         other = 0 if MASK_MODE == 1 else 0.0
         if ONE_TOKEN:
             mv = gl.load(Mask + m_base + offs * stride_ms, mask=offs < end, other=other)
@@ -198,15 +161,15 @@ if gluon is not None:
         return mv
 
     @gluon.jit
-    def _softmax_to_smem(s, mv, off, p_buf, end, row_limit, row_ok, tok0, m_i, l_i, sm_scale_log2,
+    def _softmax_to_smem(s, mv, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i, sm_scale_log2,
                          MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr):
-        """Online softmax over the tokens ``off …`` of a tile (axis 0 of ``Sᵀ``); the probabilities go to ``p_buf`` as the
+        """Online softmax over tile ``i``'s tokens (axis 0 of ``Sᵀ``); the probabilities go to ``p_buf`` as the
         output products' B operand. Returns the running maximum, the running sums and this tile's rescale factor.
         The sums are kept per thread, ``[64, ROWS]`` in the scores' layout, and reduced over the tokens once after
         the last tile: one cross-warp reduction per tile (the maximum) instead of two, 6% faster at batch 64 × 8K
         and 191 × 8320 on an H200 (decode_select.run20). ``mv``: the tile's mask (`_load_mask`; ``MASK_MODE`` 1
         bool as bytes, 2 additive, 0 none: causal, aligned at the end)."""
-        offs = off + tok0
+        offs = start + i * BLOCK_N + tok0
         valid = (offs < end)[:, None] & row_ok[None, :]
         qk = s * sm_scale_log2
         if MASK_MODE == 0:
@@ -275,57 +238,13 @@ if gluon is not None:
         fence_async_shared()  # generic-proxy stores, then the output products' async-proxy reads
 
     @gluon.jit
-    def _tile(ring, ready, empty, q_smem, p_buf, Mask, m_base, stride_mt, stride_ms, i, off, end, t_row, row_limit,
-              row_ok, tok0, m_i, l_i, o0, o1, o2, o3, o4, o5, o6, o7, sm_scale_log2, Timing, t_first,
-              NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
-              mma: gl.constexpr):
-        """One tile: this program's ``i``-th (its ring slots), the row's tokens ``off … off+63``."""
-        mv = 0
-        if MASK_MODE != 0:
-            mv = _load_mask(Mask, m_base, stride_mt, stride_ms, off, end, t_row, tok0, MASK_MODE, ONE_TOKEN)
-        if TIMING:  # per tile (the first 32): issue, scores done, softmax done, output done
-            if i < 32:
-                gl.store(Timing + 8 + 4 * i, _now())
-        s = _issue_scores(ring, ready, q_smem, i, NBUF, mma)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
-        if TIMING:
-            if i == 0:
-                t_first = _now()
-            if i < 32:
-                gl.store(Timing + 9 + 4 * i, _now())
-        m_i, l_i, alpha = _softmax_to_smem(s, mv, off, p_buf, end, row_limit, row_ok, tok0, m_i, l_i,
-                                           sm_scale_log2, MASK_MODE, ONE_TOKEN)
-        if off + BLOCK_N > end:  # the last tile, partial
-            _zero_tail(ring, i, end - off, NBUF)
-        if TIMING:
-            if i < 32:
-                gl.store(Timing + 10 + 4 * i, _now())
-        o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7, NBUF)
-        o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF)
-        if TIMING:
-            if i < 32:
-                gl.store(Timing + 11 + 4 * i, _now())
-        return m_i, l_i, o0, o1, o2, o3, o4, o5, o6, o7, t_first
-
-    @gluon.jit
-    def _next_tile(tidx, tbar, i):
-        """The row-relative index of this program's ``i``-th tile, from the dynamic loader (-1: no more)."""
-        mbarrier.wait(tbar.index(i % 4), (i // 4) & 1)
-        il: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        return gl.max(tidx.index(i % 4).load(il), 0)
-
-    @gluon.jit
     def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
-                  start, end, n_tiles, M, T, H, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
-                  O_b, Lse_b, stride_os, Out_b, stride_outt, stride_outh, Sync, sync_cap, b, n_splits, tidx, tbar,
-                  NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
-                  MERGE: gl.constexpr, MSPL: gl.constexpr):
+                  start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
+                  NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr):
         """The multiplying warpgroup (the default partition): stores the queries, whose loads were issued before
-        the loader started, then runs the program's tiles (the split's, or with ``MERGE`` those the dynamic loader
-        hands over) and writes the normalised partial output ``O_part`` (``o_base`` + row · ``stride_om`` +
-        channel) and the base-2 log-sum-exp (``lse_base`` + row · ``stride_lsem``); with ``MERGE`` it then merges
-        its share of the row's partials into ``Out``."""
+        the loader started, then runs the split's tiles and writes the normalised partial output ``O_part``
+        (``o_base`` + row · ``stride_om`` + channel) and the base-2 log-sum-exp (``lse_base`` + row ·
+        ``stride_lsem``)."""
         for c in gl.static_range(9):
             q_smem.index(c).store(q_chunks[c])
         fence_async_shared()
@@ -353,22 +272,34 @@ if gluon is not None:
         o6 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
         o7 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
         t_first = gl.to_tensor(0).to(gl.int64)
-        if MERGE:
-            i = 0
-            t = _next_tile(tidx, tbar, 0)
-            while t >= 0:
-                m_i, l_i, o0, o1, o2, o3, o4, o5, o6, o7, t_first = _tile(
-                    ring, ready, empty, q_smem, p_buf, Mask, m_base, stride_mt, stride_ms, i, t * BLOCK_N, end,
-                    t_row, row_limit, row_ok, tok0, m_i, l_i, o0, o1, o2, o3, o4, o5, o6, o7, sm_scale_log2, Timing,
-                    t_first, NBUF, MASK_MODE, ONE_TOKEN, TIMING, mma)
-                i += 1
-                t = _next_tile(tidx, tbar, i)
-        else:
-            for i in range(n_tiles):
-                m_i, l_i, o0, o1, o2, o3, o4, o5, o6, o7, t_first = _tile(
-                    ring, ready, empty, q_smem, p_buf, Mask, m_base, stride_mt, stride_ms, i, start + i * BLOCK_N,
-                    end, t_row, row_limit, row_ok, tok0, m_i, l_i, o0, o1, o2, o3, o4, o5, o6, o7, sm_scale_log2,
-                    Timing, t_first, NBUF, MASK_MODE, ONE_TOKEN, TIMING, mma)
+        for i in range(n_tiles):
+            mv = 0
+            if MASK_MODE != 0:
+                mv = _load_mask(Mask, m_base, stride_mt, stride_ms, i, start, end, t_row, tok0, MASK_MODE, ONE_TOKEN)
+            if TIMING:  # per tile (the first 32): issue, scores done, softmax done, output done
+                if i < 32:
+                    gl.store(Timing + 8 + 4 * i, _now())
+            s = _issue_scores(ring, ready, q_smem, i, NBUF, mma)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
+            if TIMING:
+                if i == 0:
+                    t_first = _now()
+                if i < 32:
+                    gl.store(Timing + 9 + 4 * i, _now())
+            m_i, l_i, alpha = _softmax_to_smem(s, mv, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
+                                               sm_scale_log2, MASK_MODE, ONE_TOKEN)
+            if start + (i + 1) * BLOCK_N > end:  # the last tile, partial
+                _zero_tail(ring, i, end - start - i * BLOCK_N, NBUF)
+            if TIMING:
+                if i < 32:
+                    gl.store(Timing + 10 + 4 * i, _now())
+            o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7,
+                                                           NBUF)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF)
+            if TIMING:
+                if i < 32:
+                    gl.store(Timing + 11 + 4 * i, _now())
         if TIMING:
             gl.store(Timing + 3, t_first)
             gl.store(Timing + 4, _now())
@@ -392,83 +323,6 @@ if gluon is not None:
         gl.store(o_ptr + 7 * CHUNK, o7 * inv, mask=ok)
         if TIMING:
             gl.store(Timing + 5, _now())
-        if MERGE:
-            _merge_in_kernel(O_b, Lse_b, stride_om, stride_os, stride_lsem, Out_b, stride_outt, stride_outh, Sync,
-                             sync_cap, b, n_splits, M, H, MSPL)
-            if TIMING:
-                gl.store(Timing + 7, _now())
-
-    @gluon.jit
-    def _merge_in_kernel(O_b, Lse_b, stride_om, stride_os, stride_lsem, Out_b, stride_outt, stride_outh, Sync,
-                         sync_cap, b, n_splits, M, H, MSPL: gl.constexpr):
-        """The merge of a batch row's ``n_splits`` partials inside stage 1 (no second launch): each program
-        announces its partial (a release increment of ``Sync[b]``), waits until all of its row's programs have
-        (acquire reads), then merges a share of the channels, ``MCH`` at a time, into ``Out``; the last program
-        to leave resets the row's two counters to 0 for the next call. Needs every program of the row resident at
-        once: the caller launches at most one program per SM (`fused_merge_applies`)."""
-        gl.thread_barrier()  # every thread's partial stores are ordered before thread 0's release below
-        _arrive_release(Sync + b)
-        seen = _load_acquire(Sync + b)
-        while seen < n_splits:
-            seen = _load_acquire(Sync + b)
-
-        MCH: gl.constexpr = 256 // MSPL  # channels per step: MSPL · 32 rows · MCH = 64 values per thread
-        ml: gl.constexpr = gl.BlockedLayout([MSPL, 1, 4], [1, 4, 8], [1, 4, 1], [2, 1, 0])
-        l2: gl.constexpr = gl.SliceLayout(2, ml)
-        sp = gl.arange(0, MSPL, layout=gl.SliceLayout(1, l2))
-        rw = gl.arange(0, ROWS, layout=gl.SliceLayout(0, l2))
-        o2: gl.constexpr = gl.SliceLayout(0, ml)  # [ROWS, MCH]: the merged output
-        ch = gl.arange(0, MCH, layout=gl.SliceLayout(0, o2))
-        rw_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o2))
-        ok2 = (sp < n_splits)[:, None] & (rw < M)[None, :]
-        # the partials were written by other SMs: read them from L2 (".cg"), never from this SM's L1
-        lse = gl.load(Lse_b + rw[None, :] * stride_lsem + sp[:, None], mask=ok2, other=float("-inf"),
-                      cache_modifier=".cg")
-        mx = gl.max(lse, 0)
-        mx_safe = gl.where(mx == float("-inf"), 0.0, mx)  # a row with no key at all: every weight 0
-        w = gl.exp2(lse - mx_safe[None, :])
-        den = gl.sum(w, 0)
-        inv = 1.0 / gl.where(den > 0.0, den, 1.0)
-        w3 = (w * inv[None, :])[:, :, None]
-        o_ptr = (O_b + (sp[:, None] * stride_os + rw[None, :] * stride_om)[:, :, None]
-                 + gl.expand_dims(gl.expand_dims(ch, 0), 0))
-        ok3 = ok2[:, :, None]
-        t_row = rw_o // H
-        out_ptr = Out_b + (t_row * stride_outt + (rw_o - t_row * H) * stride_outh)[:, None] + ch[None, :]
-        pid_s = gl.program_id(0)
-        for j in range(pid_s, 512 // MCH, n_splits):
-            o = gl.load(o_ptr + j * MCH, mask=ok3, other=0.0, cache_modifier=".cg")
-            out = gl.sum(w3 * o, 0)
-            gl.store(out_ptr + j * MCH, out.to(Out_b.dtype.element_ty), mask=(rw_o < M)[:, None])
-
-        # leave: the last program of the row resets both counters (every program of the row has finished
-        # waiting by then, and the next call on this stream starts after this grid has completed)
-        _leave(Sync + sync_cap + b, Sync + b, Sync + 2 * sync_cap + b, n_splits - 1)
-
-    @gluon.jit
-    def _arrive_release(ptr):
-        """Thread 0 of the warpgroup: ``*ptr += 1`` with release semantics at GPU scope."""
-        gl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0;"
-            " @p red.release.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }",
-            "=r,l", [ptr], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _load_acquire(ptr):
-        """``*ptr`` with acquire semantics at GPU scope (every thread)."""
-        return gl.inline_asm_elementwise("ld.acquire.gpu.global.u32 $0, [$1];", "=r,l", [ptr], dtype=gl.int32,
-                                         is_pure=False, pack=1)
-
-    @gluon.jit
-    def _leave(departed, arrived, claimed, last):
-        """Thread 0: ``*departed += 1``; the program that makes it ``last + 1`` sets the row's three counters
-        back to 0."""
-        gl.inline_asm_elementwise(
-            "{ .reg .pred p, q; .reg .b32 t, old; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0;"
-            " mov.u32 old, 0xffffffff; @p atom.relaxed.gpu.global.add.u32 old, [$1], 1;"
-            " setp.eq.u32 q, old, $4; @q st.relaxed.gpu.global.u32 [$1], 0;"
-            " @q st.relaxed.gpu.global.u32 [$2], 0; @q st.relaxed.gpu.global.u32 [$3], 0; mov.u32 $0, old; }",
-            "=r,l,l,l,r", [departed, arrived, claimed, last], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _stage1_ws(
@@ -479,10 +333,9 @@ if gluon is not None:
         stride_ob, stride_om, stride_os,
         stride_lseb, stride_lsem,
         S, T, H, M, split_len, sm_scale_log2, Timing,
-        Out, stride_outb, stride_outt, stride_outh, Sync, sync_cap,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False, MERGE: gl.constexpr = False, MSPL: gl.constexpr = 8,
+        TIMING: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
@@ -544,32 +397,13 @@ if gluon is not None:
 
         o_base = b64 * stride_ob + pid_s * stride_os
         lse_base = b64 * stride_lseb + pid_s  # Lse [B, M, splits], splits contiguous
-        tidx = gl.allocate_shared_memory(gl.int32, [4, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        tbar = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
-        if MERGE:
-            for k in gl.static_range(4):
-                mbarrier.init(tbar.index(k), count=1)
-            fence_async_shared()
-            end = kv_len  # the dynamic schedule hands out tiles anywhere in the row
-        if MERGE:
-            gl.warp_specialize([
-                (_consumer, ((qr, q0, q1, q2, q3, q4, q5, q6, q7), q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask,
-                             b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, H, kv_len, sm_scale_log2,
-                             o_base, lse_base, stride_om, stride_lsem, Timing, O_part + b64 * stride_ob,
-                             Lse + b64 * stride_lseb, stride_os, Out + b64 * stride_outb, stride_outt, stride_outh, Sync,
-                             sync_cap, b, gl.num_programs(0), tidx, tbar, NBUF, MASK_MODE, ONE_TOKEN, TIMING, MERGE, MSPL)),
-                (_loader_dynamic, (c_desc, r_desc, ring, ready, empty, tidx, tbar, b * S, gl.cdiv(kv_len, BLOCK_N),
-                                   Sync + 2 * sync_cap + b, gl.num_programs(0), NBUF)),
-            ], [1], [24])
-        else:
-            gl.warp_specialize([
-                (_consumer, ((qr, q0, q1, q2, q3, q4, q5, q6, q7), q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask,
-                             b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, H, kv_len, sm_scale_log2,
-                             o_base, lse_base, stride_om, stride_lsem, Timing, O_part + b64 * stride_ob,
-                             Lse + b64 * stride_lseb, stride_os, Out + b64 * stride_outb, stride_outt, stride_outh, Sync,
-                             sync_cap, b, gl.num_programs(0), tidx, tbar, NBUF, MASK_MODE, ONE_TOKEN, TIMING, MERGE, MSPL)),
-                (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, NBUF)),
-            ], [1], [24])
+        gl.warp_specialize([
+            (_consumer, ((qr, q0, q1, q2, q3, q4, q5, q6, q7), q_smem, ring, ready, empty, p_buf, O_part, Lse,
+                         Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
+                         sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, NBUF, MASK_MODE, ONE_TOKEN,
+                         TIMING)),
+            (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, NBUF)),
+        ], [1], [24])
 
 
 def nvmma_layout(dtype: torch.dtype):
@@ -589,8 +423,7 @@ def descriptors(latent: torch.Tensor, k_rope: torch.Tensor):
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None, sync: torch.Tensor | None = None) -> None:
+                  pdl: bool = False, timing: torch.Tensor | None = None) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
@@ -609,9 +442,6 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
-        ql if out is None else out, *(out.stride()[:3] if out is not None else (0, 0, 0)),
-        lse if sync is None else sync, 0 if sync is None else sync.shape[-1],
         NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
-        TIMING=timing is not None, MERGE=out is not None,
-        MSPL=max(2, 1 << (num_splits - 1).bit_length()) if out is not None else 8, num_warps=4, **kw,
+        TIMING=timing is not None, num_warps=4, **kw,
     )
