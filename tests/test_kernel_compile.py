@@ -148,11 +148,13 @@ def _compile_ws() -> dict:
         host = torch.zeros(128, 576, dtype=tdtype)
         desc = ws.TensorDescriptor(host[:, :512], [128, 512], [576, 1], [64, 64], ws.nvmma_layout(tdtype))
         desc_type = native_specialize_impl(CUDABackend, desc, False, True, True)[0]  # what a launch passes
+        qhost = torch.zeros(4, 1, 32, 512, dtype=tdtype)
+        q_type = native_specialize_impl(CUDABackend, ws.q_descriptors(qhost, qhost[..., :64])[0], False, True, True)[0]
         ptrs = {"QL": f"*{dtype}", "QR": f"*{dtype}", "c_desc": desc_type, "r_desc": desc_type,
                 "Mask": "*u8" if consts["MASK_MODE"] == 1 else f"*{dtype}", "O_part": "*fp32", "Lse": "*fp32",
-                "Len": "*i64", "Timing": "*i64"}
-        return _build(ws._stage1_ws, {"NBUF": ws.DEFAULT_NBUF, "TIMING": False, **consts}, ptrs, 3,
-                      source=GluonASTSource, aligned_strides=False)
+                "Len": "*i64", "Timing": "*i64", "ql_desc": q_type, "qr_desc": q_type}
+        consts = {"NBUF": ws.DEFAULT_NBUF, "TIMING": False, "Q_TMA": True, "EPI_CVT": True, **consts}
+        return _build(ws._stage1_ws, consts, ptrs, 3, source=GluonASTSource, aligned_strides=False)
 
     out = {}
     for dtype in ("bf16", "fp16"):

@@ -305,7 +305,7 @@ def _stage2_fn(
     stride_outb, stride_outt, stride_outh,
     NUM_SPLITS, H,
     DL: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
-    PDL: tl.constexpr, COUNTS: tl.constexpr,
+    PDL: tl.constexpr, COUNTS: tl.constexpr, PREFETCH_O: tl.constexpr = True,
 ):
     """One query row: ``out = Σ_j 2^(lse_j - max) · O_j / Σ_j 2^(lse_j - max)`` over its ``NUM_SPLITS`` partials
     (``BLOCK_S``: the split count rounded up to a power of two; ``CHUNK_S = min(BLOCK_S, 16)`` splits per step).
@@ -319,25 +319,36 @@ def _stage2_fn(
     if COUNTS:  # the streamed schedule: rows have different numbers of partials
         NUM_SPLITS = tl.load(Counts + b)
     lse_row = Lse + b * stride_lseb + m * stride_lsem
-    # pass 1: the row's largest log-sum-exp, all splits in one load
-    sp = tl.arange(0, BLOCK_S)
-    mx = tl.max(tl.load(lse_row + sp, mask=sp < NUM_SPLITS, other=float("-inf")), 0)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)  # every split empty: keep exp2 finite (all weights 0)
-    # pass 2: CHUNK_S splits per step, weights and partial tile each in one load
+    base = O_part + b * stride_ob + m * stride_om
     dl = tl.arange(0, BLOCK_DL)
     dl_ok = dl < DL
-    ch = tl.arange(0, CHUNK_S)
-    acc = tl.zeros([BLOCK_DL], tl.float32)
-    denom = tl.zeros([], tl.float32)
-    base = O_part + b * stride_ob + m * stride_om
-    for j0 in range(0, NUM_SPLITS, CHUNK_S):
-        sj = j0 + ch
-        sj_ok = sj < NUM_SPLITS
-        # weight 0 past the split count and for an empty split (log-sum-exp -inf)
-        w = tl.exp2(tl.load(lse_row + sj, mask=sj_ok, other=float("-inf")) - mx_safe)
-        o = tl.load(base + sj[:, None] * stride_os + dl[None, :], mask=sj_ok[:, None] & dl_ok[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * o.to(tl.float32), 0)
-        denom += tl.sum(w, 0)
+    sp = tl.arange(0, BLOCK_S)
+    sp_ok = sp < NUM_SPLITS
+    # all splits' log-sum-exps in one load; weight 0 past the split count and for an empty split (-inf)
+    lse = tl.load(lse_row + sp, mask=sp_ok, other=float("-inf"))
+    if BLOCK_S == CHUNK_S and PREFETCH_O:
+        # One step (up to 16 splits): the partials' load goes out together with the log-sum-exps', not one
+        # memory round trip after their maximum.
+        o = tl.load(base + sp[:, None] * stride_os + dl[None, :], mask=sp_ok[:, None] & dl_ok[None, :], other=0.0)
+        mx = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx))  # every split empty: all weights 0
+        acc = tl.sum(w[:, None] * o.to(tl.float32), 0)
+        denom = tl.sum(w, 0)
+    else:
+        mx = tl.max(lse, 0)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        # CHUNK_S splits per step, weights and partial tile each in one load
+        ch = tl.arange(0, CHUNK_S)
+        acc = tl.zeros([BLOCK_DL], tl.float32)
+        denom = tl.zeros([], tl.float32)
+        for j0 in range(0, NUM_SPLITS, CHUNK_S):
+            sj = j0 + ch
+            sj_ok = sj < NUM_SPLITS
+            w = tl.exp2(tl.load(lse_row + sj, mask=sj_ok, other=float("-inf")) - mx_safe)
+            o = tl.load(base + sj[:, None] * stride_os + dl[None, :], mask=sj_ok[:, None] & dl_ok[None, :],
+                        other=0.0)
+            acc += tl.sum(w[:, None] * o.to(tl.float32), 0)
+            denom += tl.sum(w, 0)
     out = acc / tl.where(denom > 0.0, denom, 1.0)  # no key in the whole row: zeros
     # head-major storage: `Out`'s strides address [batch, token, head]
     out_ptr = Out + b * stride_outb + t_row * stride_outt + (m - t_row * H) * stride_outh + dl
@@ -414,6 +425,8 @@ def choose_num_splits(
             best, best_cost = splits, cost
     return best
 
+
+EXPERIMENT = {"prefetch_o": True, "epi_cvt": True, "q_tma": True}  # temporary switches (bench/decode_select.py)
 
 _SEGMENT_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
@@ -559,7 +572,9 @@ def decode_attention_triton(
     if use_ws:  # mask and length in the same launch: it reads one mask row per tile, not one per head
         _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, scale * LOG2E,
                           mask_mode=mask_mode, mask_t=mask_t if mask_mode else None, mask_strides=mstr,
-                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl)
+                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl,
+                          q_tma=EXPERIMENT["q_tma"], epi_cvt=EXPERIMENT["epi_cvt"],
+                          zero_tail=EXPERIMENT.get("zero_tail", True))
         passes = []
     elif mask_mode == 1 and t == 1:
         # One query token and a bool mask (decode in `generate`): a mask read in every tile costs the
@@ -605,7 +620,7 @@ def decode_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         num_splits, h,
         DL=r, BLOCK_DL=triton.next_power_of_2(r), BLOCK_S=block_s, CHUNK_S=min(block_s, 16), PDL=pdl,
-        COUNTS=streamed, num_warps=4, **launch_kw,
+        COUNTS=streamed, PREFETCH_O=EXPERIMENT["prefetch_o"], num_warps=4, **launch_kw,
     )
     return out
 

@@ -115,10 +115,20 @@ if gluon is not None:
                                          pack=1)
 
     @gluon.jit
-    def _loader(c_desc, r_desc, ring, ready, empty, row0, start, n_tiles, NBUF: gl.constexpr):
-        """The loader warp: every chunk of the split's tiles, in order, into the ring (each waits for its slot
-        to be handed back)."""
+    def _loader(c_desc, r_desc, ring, ready, empty, row0, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
+                NBUF: gl.constexpr, Q_TMA: gl.constexpr):
+        """The loader warp: with ``Q_TMA`` first the queries (9 chunks ``[32 rows, 64]`` into ``q_smem``, one
+        barrier), then every chunk of the split's tiles, in order, into the ring (each waits for its slot to be
+        handed back)."""
         nbytes: gl.constexpr = BLOCK_N * CHUNK * 2
+        if Q_TMA:
+            q3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+            mbarrier.expect(q_bar, 9 * ROWS * CHUNK * 2)
+            tma.async_copy_global_to_shared(qr_desc, [b, 0, 0], q_bar,
+                                            q_smem.index(0)._reinterpret(q_smem.dtype, [1, ROWS, CHUNK], q3))
+            for c in gl.static_range(8):
+                tma.async_copy_global_to_shared(ql_desc, [b, 0, c * CHUNK], q_bar,
+                                                q_smem.index(c + 1)._reinterpret(q_smem.dtype, [1, ROWS, CHUNK], q3))
         for i in range(n_tiles):
             tok = row0 + start + i * BLOCK_N
             for p in gl.static_range(9):
@@ -240,14 +250,18 @@ if gluon is not None:
     @gluon.jit
     def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
                   start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
-                  NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr):
+                  q_bar, NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
+                  Q_TMA: gl.constexpr, EPI_CVT: gl.constexpr, ZERO_TAIL: gl.constexpr):
         """The multiplying warpgroup (the default partition): stores the queries, whose loads were issued before
         the loader started, then runs the split's tiles and writes the normalised partial output ``O_part``
         (``o_base`` + row · ``stride_om`` + channel) and the base-2 log-sum-exp (``lse_base`` + row ·
         ``stride_lsem``)."""
-        for c in gl.static_range(9):
-            q_smem.index(c).store(q_chunks[c])
-        fence_async_shared()
+        if Q_TMA:
+            mbarrier.wait(q_bar, 0)
+        else:
+            for c in gl.static_range(9):
+                q_smem.index(c).store(q_chunks[c])
+            fence_async_shared()
         if TIMING:
             gl.store(Timing + 2, _now())
 
@@ -289,7 +303,7 @@ if gluon is not None:
                     gl.store(Timing + 9 + 4 * i, _now())
             m_i, l_i, alpha = _softmax_to_smem(s, mv, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
                                                sm_scale_log2, MASK_MODE, ONE_TOKEN)
-            if start + (i + 1) * BLOCK_N > end:  # the last tile, partial
+            if ZERO_TAIL and start + (i + 1) * BLOCK_N > end:  # the last tile, partial
                 _zero_tail(ring, i, end - start - i * BLOCK_N, NBUF)
             if TIMING:
                 if i < 32:
@@ -309,18 +323,35 @@ if gluon is not None:
         inv = (1.0 / gl.where(has, l_i, 1.0))[None, :]
         lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
         gl.store(Lse + lse_base + rows * stride_lsem, lse, mask=row_ok)
-        # straight from the accumulator layout: each group of 4 lanes writes 8 consecutive channels (32 bytes)
-        ch = gl.arange(0, CHUNK, layout=tok_l)
-        o_ptr = O_part + o_base + rows[None, :] * stride_om + ch[:, None]
-        ok = row_ok[None, :]
-        gl.store(o_ptr + 0 * CHUNK, o0 * inv, mask=ok)
-        gl.store(o_ptr + 1 * CHUNK, o1 * inv, mask=ok)
-        gl.store(o_ptr + 2 * CHUNK, o2 * inv, mask=ok)
-        gl.store(o_ptr + 3 * CHUNK, o3 * inv, mask=ok)
-        gl.store(o_ptr + 4 * CHUNK, o4 * inv, mask=ok)
-        gl.store(o_ptr + 5 * CHUNK, o5 * inv, mask=ok)
-        gl.store(o_ptr + 6 * CHUNK, o6 * inv, mask=ok)
-        gl.store(o_ptr + 7 * CHUNK, o7 * inv, mask=ok)
+        if EPI_CVT:
+            # through shared memory into a layout where each lane writes 4 consecutive channels (16 bytes) and
+            # a warp two rows' 256 bytes each
+            st: gl.constexpr = gl.BlockedLayout([4, 1], [16, 2], [1, 4], [0, 1])
+            ch = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, st))
+            rs = gl.arange(0, ROWS, layout=gl.SliceLayout(0, st))
+            o_ptr = O_part + o_base + rs[None, :] * stride_om + ch[:, None]
+            ok = (rs < M)[None, :]
+            gl.store(o_ptr + 0 * CHUNK, gl.convert_layout(o0 * inv, st), mask=ok)
+            gl.store(o_ptr + 1 * CHUNK, gl.convert_layout(o1 * inv, st), mask=ok)
+            gl.store(o_ptr + 2 * CHUNK, gl.convert_layout(o2 * inv, st), mask=ok)
+            gl.store(o_ptr + 3 * CHUNK, gl.convert_layout(o3 * inv, st), mask=ok)
+            gl.store(o_ptr + 4 * CHUNK, gl.convert_layout(o4 * inv, st), mask=ok)
+            gl.store(o_ptr + 5 * CHUNK, gl.convert_layout(o5 * inv, st), mask=ok)
+            gl.store(o_ptr + 6 * CHUNK, gl.convert_layout(o6 * inv, st), mask=ok)
+            gl.store(o_ptr + 7 * CHUNK, gl.convert_layout(o7 * inv, st), mask=ok)
+        else:
+            # straight from the accumulator layout: each group of 4 lanes writes 8 consecutive channels (32 bytes)
+            ch = gl.arange(0, CHUNK, layout=tok_l)
+            o_ptr = O_part + o_base + rows[None, :] * stride_om + ch[:, None]
+            ok = row_ok[None, :]
+            gl.store(o_ptr + 0 * CHUNK, o0 * inv, mask=ok)
+            gl.store(o_ptr + 1 * CHUNK, o1 * inv, mask=ok)
+            gl.store(o_ptr + 2 * CHUNK, o2 * inv, mask=ok)
+            gl.store(o_ptr + 3 * CHUNK, o3 * inv, mask=ok)
+            gl.store(o_ptr + 4 * CHUNK, o4 * inv, mask=ok)
+            gl.store(o_ptr + 5 * CHUNK, o5 * inv, mask=ok)
+            gl.store(o_ptr + 6 * CHUNK, o6 * inv, mask=ok)
+            gl.store(o_ptr + 7 * CHUNK, o7 * inv, mask=ok)
         if TIMING:
             gl.store(Timing + 5, _now())
 
@@ -332,10 +363,11 @@ if gluon is not None:
         stride_lb,
         stride_ob, stride_om, stride_os,
         stride_lseb, stride_lsem,
-        S, T, H, M, split_len, sm_scale_log2, Timing,
+        S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False,
+        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False, EPI_CVT: gl.constexpr = False,
+        ZERO_TAIL: gl.constexpr = True,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
@@ -359,23 +391,34 @@ if gluon is not None:
 
         # The queries' loads go out first, before the barriers are set up and the loader starts: behind the
         # loader's first copies (160 KiB per SM) they took 4-7 µs on an H200 (decode_select.run15/16)
-        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        q_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
-        q_ch = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, ld))
-        q_t = q_rows // H
-        q_h = q_rows - q_t * H
-        q_ok = (q_rows < M)[:, None]
-        ql_ptr = QL + b64 * stride_qlb + (q_t * stride_qlt + q_h * stride_qlh)[:, None] + q_ch[None, :]
-        qr = gl.load(QR + b64 * stride_qrb + (q_t * stride_qrt + q_h * stride_qrh)[:, None] + q_ch[None, :],
-                     mask=q_ok, other=0.0)
-        q0 = gl.load(ql_ptr + 0 * CHUNK, mask=q_ok, other=0.0)
-        q1 = gl.load(ql_ptr + 1 * CHUNK, mask=q_ok, other=0.0)
-        q2 = gl.load(ql_ptr + 2 * CHUNK, mask=q_ok, other=0.0)
-        q3 = gl.load(ql_ptr + 3 * CHUNK, mask=q_ok, other=0.0)
-        q4 = gl.load(ql_ptr + 4 * CHUNK, mask=q_ok, other=0.0)
-        q5 = gl.load(ql_ptr + 5 * CHUNK, mask=q_ok, other=0.0)
-        q6 = gl.load(ql_ptr + 6 * CHUNK, mask=q_ok, other=0.0)
-        q7 = gl.load(ql_ptr + 7 * CHUNK, mask=q_ok, other=0.0)
+        if Q_TMA:  # the loader fetches them first, by TMA (one query token; `q_descriptors`)
+            qr = 0
+            q0 = 0
+            q1 = 0
+            q2 = 0
+            q3 = 0
+            q4 = 0
+            q5 = 0
+            q6 = 0
+            q7 = 0
+        else:
+            ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            q_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
+            q_ch = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, ld))
+            q_t = q_rows // H
+            q_h = q_rows - q_t * H
+            q_ok = (q_rows < M)[:, None]
+            ql_ptr = QL + b64 * stride_qlb + (q_t * stride_qlt + q_h * stride_qlh)[:, None] + q_ch[None, :]
+            qr = gl.load(QR + b64 * stride_qrb + (q_t * stride_qrt + q_h * stride_qrh)[:, None] + q_ch[None, :],
+                         mask=q_ok, other=0.0)
+            q0 = gl.load(ql_ptr + 0 * CHUNK, mask=q_ok, other=0.0)
+            q1 = gl.load(ql_ptr + 1 * CHUNK, mask=q_ok, other=0.0)
+            q2 = gl.load(ql_ptr + 2 * CHUNK, mask=q_ok, other=0.0)
+            q3 = gl.load(ql_ptr + 3 * CHUNK, mask=q_ok, other=0.0)
+            q4 = gl.load(ql_ptr + 4 * CHUNK, mask=q_ok, other=0.0)
+            q5 = gl.load(ql_ptr + 5 * CHUNK, mask=q_ok, other=0.0)
+            q6 = gl.load(ql_ptr + 6 * CHUNK, mask=q_ok, other=0.0)
+            q7 = gl.load(ql_ptr + 7 * CHUNK, mask=q_ok, other=0.0)
 
         kv_len = S
         if HAS_LEN:
@@ -390,9 +433,11 @@ if gluon is not None:
         p_buf = gl.allocate_shared_memory(dtype, [BLOCK_N, ROWS], p_sl)
         ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout()).index(0)
         for k in gl.static_range(NBUF):
             mbarrier.init(ready.index(k), count=1)
             mbarrier.init(empty.index(k), count=1)
+        mbarrier.init(q_bar, count=1)
         fence_async_shared()
 
         o_base = b64 * stride_ob + pid_s * stride_os
@@ -400,9 +445,10 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, ((qr, q0, q1, q2, q3, q4, q5, q6, q7), q_smem, ring, ready, empty, p_buf, O_part, Lse,
                          Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
-                         sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, NBUF, MASK_MODE, ONE_TOKEN,
-                         TIMING)),
-            (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, NBUF)),
+                         sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, NBUF, MASK_MODE,
+                         ONE_TOKEN, TIMING, Q_TMA, EPI_CVT, ZERO_TAIL)),
+            (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
+                       NBUF, Q_TMA)),
         ], [1], [24])
 
 
@@ -420,10 +466,26 @@ def descriptors(latent: torch.Tensor, k_rope: torch.Tensor):
     return c_desc, r_desc
 
 
+def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
+    """TMA descriptors of one query token's rows, ``[B, H, channels]`` through the queries' batch and head
+    strides (the absorbed path's head-major products and contiguous ones alike), ``[1, 32, 64]`` boxes: heads
+    past ``H`` are outside the tensor, so the copy fills them with zeros. ``None`` where TMA cannot address them
+    (strides or base not 16-byte aligned)."""
+    b, _, h, _ = ql.shape
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=ql.element_size() * 8, rank=3)
+    out = []
+    for x in (qr, ql):
+        if x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16 or (x.stride(2) * x.element_size()) % 16:
+            return None
+        out.append(TensorDescriptor(x, [b, h, x.shape[-1]], [x.stride(0), x.stride(2), 1], [1, ROW_BLOCK, 64], layout))
+    return out[1], out[0]
+
+
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None) -> None:
+                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = False,
+                  epi_cvt: bool = False, zero_tail: bool = True) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
@@ -433,6 +495,7 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
     assert lse.stride(-1) == 1
     b, s = latent.shape[0], latent.shape[1]
     c_desc, r_desc = descriptors(latent, k_rope)
+    qd = q_descriptors(ql, qr) if q_tma and t == 1 else None
     kw = {"launch_pdl": True} if pdl else {}
     _stage1_ws[(num_splits, b)](
         ql, qr, c_desc, r_desc, lse if mask_t is None else mask_t, lse if len_t is None else len_t, o_part, lse,
@@ -442,6 +505,7 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
+        *(qd if qd is not None else (c_desc, c_desc)),
         NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
-        TIMING=timing is not None, num_warps=4, **kw,
+        TIMING=timing is not None, Q_TMA=qd is not None, EPI_CVT=epi_cvt, ZERO_TAIL=zero_tail, num_warps=4, **kw,
     )
