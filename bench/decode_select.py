@@ -14,7 +14,8 @@
    8K: the library's automatic choice (`mla_decode.auto_config`), the two configurations it chooses between, and
    one-block-per-SM variants with 32-token tiles.
 3. ``ws``, ``wsfixed``, ``wstiming``: the warp-specialised Gluon stage 1 (`kernels/mla_decode_ws.py`): checks
-   against the float64 reference and time per call beside the Triton stage 1; where a batch-16 call's fixed
+   against the float64 reference, bitwise repeatability (eager and CUDA graph), time per call beside the Triton
+   stage 1; where a batch-16 call's fixed
    cost goes (contexts from one tile to 32K, stage 1 alone and whole, one call per graph and eight over eight
    caches); per-program global-timer stamps (queries, first tile, loop, epilogue, and per tile: scores,
    softmax, outputs).
@@ -188,78 +189,6 @@ def attention_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         D.free(dev)
 
 
-def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
-    """The warp-specialised Gluon stage 1 (`mla_decode_ws`): checks against the float64 reference, a CUDA-graph
-    replay against eager, then time per call beside the Triton stage 1. (Run 20 timed two switches, since
-    settled: the sums reduced once after the last tile, kept; all of a tile's chunks waited for first, dropped.)"""
-    from transmla_surgery.kernels import mla_decode as md
-
-    one = md.DEFAULT_CONFIG
-    ws_variants = [("ws", one), ("ws 22 slots", replace(one, ring_slots=22))]
-    heads, r, dr = 32, 512, 64
-    # (batch, query tokens, heads, context, dtype, explicit splits, cache as views of one [B, S, 576] buffer)
-    cases = [(4, 1, 32, 4099, torch.bfloat16, None, True), (2, 1, 32, 64, torch.bfloat16, None, False),
-             (2, 2, 16, 777, torch.float16, None, True), (1, 1, 8, 2048, torch.float16, 64, False),
-             (5, 1, 32, 300, torch.float16, 1, True), (16, 1, 32, 8192, torch.bfloat16, None, True),
-             (3, 1, 32, 130, torch.bfloat16, 3, False)]
-    torch.manual_seed(0)
-    for label, cfg in ws_variants:
-        for b, t, h, s, dtype, splits, views in cases:
-            q_lat = torch.randn(b, t, h, r, device=dev, dtype=dtype)
-            q_rope = torch.randn(b, t, h, dr, device=dev, dtype=dtype)
-            if views:
-                kv = torch.randn(b, s, r + dr, device=dev, dtype=dtype)
-                lat, kr = kv[..., :r], kv[..., r:]
-            else:
-                lat = torch.randn(b, s, r, device=dev, dtype=dtype)
-                kr = torch.randn(b, s, dr, device=dev, dtype=dtype)
-            scale = 192**-0.5
-            ref = decode_attention_reference(q_lat.double(), q_rope.double(), lat.double(), kr.double(), scale)
-            used = md._ws.supported(q_lat, q_rope, lat, kr, None, None)
-            try:
-                out = md.decode_attention_triton(q_lat, q_rope, lat, kr, scale, num_splits=splits, config=cfg)
-                err = D.rel(out, ref)
-                ok = used and err < 1e-2
-            except Exception as exc:
-                err, ok = float("nan"), False
-                log(f"ws check {label} B={b} T={t} H={h} S={s}: failed {repr(exc)[:300]}")
-            ROWS.append(dict(kind="ws_check", variant=label, batch=b, tokens=t, heads=h, context=s, dtype=str(dtype),
-                             splits=splits, views=views, used_ws=used, rel_err=err, ok=ok))
-            log(f"ws check {label:14s} B={b} T={t} H={h:2d} S={s:5d} {str(dtype):15s} splits={splits} views={views}"
-                f" ws={used} err={err:.2e} {'OK' if ok else 'FAIL'}")
-    variants = [("Triton 1/SM", replace(one, ring_slots=0))] + ws_variants
-    shapes = [(1, 8192), (16, 4096), (16, 8192), (64, 8192), (191, 8320)]
-    dtype = torch.bfloat16
-    for b, s in shapes:
-        nbytes = b * s * (r + dr) * 2 + b * heads * (r + dr) * 2 + b * heads * r * 2
-        copies = max(1, min(8, -(-(256 << 20) // nbytes)))  # distinct caches per graph, as decode.py times
-        q_lat = [torch.randn(b, 1, heads, r, device=dev, dtype=dtype) for _ in range(copies)]
-        q_rope = [torch.randn(b, 1, heads, dr, device=dev, dtype=dtype) for _ in range(copies)]
-        kv = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(copies)]
-        for rep in range(2):  # the variants twice, interleaved
-            for label, cfg in variants:
-                try:
-                    ms = D.time_graph(lambda: [md.decode_attention_triton(q_lat[i], q_rope[i], kv[i][..., :r], kv[i][..., r:], 0.07, config=cfg)
-                                               for i in range(copies)], dev, reps=30, inner=copies)
-                except Exception as exc:
-                    log(f"ws time B={b} S={s} {label}: failed {repr(exc)[:200]}")
-                    continue
-                ROWS.append(dict(kind="ws_time", batch=b, context=s, variant=label, rep=rep, us=ms * 1e3,
-                                 TBps=nbytes / (ms * 1e-3) / 1e12, fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
-                log(f"ws time B={b:4d} S={s:6d} {label:24s} {ms * 1e3:8.1f} us {nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s "
-                    f"({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
-        del q_lat, q_rope, kv
-        D.free(dev)
-
-
-WS_VARIANTS = {"base": dict(prefetch_o=False, q_tma=False, epi_cvt=False),
-               "merge prefetch": dict(prefetch_o=True, q_tma=False, epi_cvt=False),
-               "queries by TMA": dict(prefetch_o=False, q_tma=True, epi_cvt=False),
-               "partials relaid": dict(prefetch_o=False, q_tma=False, epi_cvt=True),
-               "all three": dict(prefetch_o=True, q_tma=True, epi_cvt=True)}
-
-
-# (batch, query tokens, heads, context, dtype, splits, lengths, mask kind)
 WSVAR_CASES = [(16, 1, 32, 8192, torch.bfloat16, None, None, None), (4, 1, 32, 4099, torch.bfloat16, None, None, None),
                (3, 1, 32, 2000, torch.bfloat16, 8, "rows", None), (5, 2, 16, 777, torch.float16, 3, None, "additive"),
                (6, 1, 32, 1500, torch.bfloat16, 4, "rows", "bool"), (2, 1, 32, 700, torch.bfloat16, 2, None, None),
@@ -268,22 +197,22 @@ WSVAR_CASES = [(16, 1, 32, 8192, torch.bfloat16, None, None, None), (4, 1, 32, 4
                (64, 1, 32, 2048, torch.bfloat16, None, None, None)]
 
 
-def wsvar_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
-    """Switches of the warp-specialised path (`mla_decode.EXPERIMENT`): the merge's partials loaded together with
-    their log-sum-exps, the queries fetched by TMA by the loader warp, the partials written through shared memory
-    in 16-byte pieces. Each checked against the float64 reference (lengths, masks, two query tokens, 8 and 16
-    heads, explicit split counts, the same call three times and a CUDA graph replayed five times, bitwise equal),
-    then timed interleaved, twice, as graphs over distinct caches. (Runs 21-22, commit abe846f: one ready barrier
-    per tile, the merge inside stage 1, tiles shared dynamically.)"""
+def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
+    """The warp-specialised Gluon stage 1 (`mla_decode_ws`), as the library runs it: checked against the float64
+    reference (lengths with NaN past them, bool and additive masks, two query tokens, 8 and 16 heads, head-major
+    queries, explicit split counts), the same call three times and a CUDA graph replayed five times bitwise equal
+    to the first call; then timed beside the Triton stage 1, interleaved, twice, as graphs over distinct caches.
+    (Earlier calls of this section compared switches since settled: runs 13-20, 21-22 (commit abe846f: one ready
+    barrier per tile, the merge inside stage 1, tiles shared dynamically), 23 and 25 (commit 222859b: the queries
+    by TMA, the merge's partials loaded with their log-sum-exps, partials relaid through shared memory); runs
+    24, 26-28 the determinism bisection.)"""
     from transmla_surgery.kernels import mla_decode as md
 
     heads, r, dr = 32, 512, 64
     scale = 192**-0.5
     cases = WSVAR_CASES
     torch.manual_seed(0)
-    for label, switches in WS_VARIANTS.items():
-        md.EXPERIMENT.update(switches)
-        cfg = md.DEFAULT_CONFIG
+    for label, cfg in (("library", md.DEFAULT_CONFIG),):
         for b, t, h, s, dtype, splits, lens, mkind in cases:
             if b == 16:  # head-major queries, as the absorbed path hands them over
                 q_lat = torch.randn(h, b, t, r, device=dev, dtype=dtype).permute(1, 2, 0, 3)
@@ -349,15 +278,16 @@ def wsvar_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                 ok = err < 1e-2 and same
             except Exception as exc:
                 err, ok, same = float("nan"), False, False
-                log(f"wsvar check {label} B={b} T={t} S={s}: failed {repr(exc)[:300]}")
-            ROWS.append(dict(kind="wsvar_check", variant=label, batch=b, tokens=t, heads=h, context=s,
+                log(f"ws check {label} B={b} T={t} S={s}: failed {repr(exc)[:300]}")
+            used = md._ws.supported(q_lat, q_rope, lat, kr, mask, kv_len)
+            ok = ok and used
+            ROWS.append(dict(kind="ws_check", variant=label, used_ws=used, batch=b, tokens=t, heads=h, context=s,
                              dtype=str(dtype), splits=splits, lengths=lens, mask=mkind, rel_err=err,
                              repeat_and_graph_equal=same, ok=ok))
-            log(f"wsvar check {label:13s} B={b:2d} T={t} H={h:2d} S={s:5d} splits={splits} len={lens} mask={mkind}"
+            log(f"ws check {label:13s} B={b:2d} T={t} H={h:2d} S={s:5d} splits={splits} len={lens} mask={mkind}"
                 f" err={err:.2e} same={same} {'OK' if ok else 'FAIL'}")
     shapes = [(1, 8192), (16, 4096), (16, 8192), (16, 32768), (54, 8320), (64, 8192), (191, 8320), (64, 32768)]
-    if smoke or __import__("os").environ.get("WSVAR_NO_TIME"):
-        shapes = []
+    variants = [("Triton stage 1", replace(md.DEFAULT_CONFIG, ring_slots=0)), ("library", md.DEFAULT_CONFIG)]
     dtype = torch.bfloat16
     for b, s in shapes:
         nbytes = b * s * (r + dr) * 2 + b * heads * (r + dr) * 2 + b * heads * r * 2
@@ -366,89 +296,19 @@ def wsvar_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         q_rope = [torch.randn(b, 1, heads, dr, device=dev, dtype=dtype) for _ in range(copies)]
         kv = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(copies)]
         for rep in range(2):
-            for label, switches in WS_VARIANTS.items():
-                md.EXPERIMENT.update(switches)
-                cfg = md.DEFAULT_CONFIG
+            for label, cfg in variants:
                 try:
                     ms = D.time_graph(lambda: [md.decode_attention_triton(q_lat[i], q_rope[i], kv[i][..., :r], kv[i][..., r:], 0.07, config=cfg)
                                                for i in range(copies)], dev, reps=30, inner=copies)
                 except Exception as exc:
-                    log(f"wsvar time B={b} S={s} {label}: failed {repr(exc)[:200]}")
+                    log(f"ws time B={b} S={s} {label}: failed {repr(exc)[:200]}")
                     continue
                 ROWS.append(dict(kind="ws_time", batch=b, context=s, variant=label, rep=rep, us=ms * 1e3,
                                  TBps=nbytes / (ms * 1e-3) / 1e12, fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
-                log(f"wsvar time B={b:4d} S={s:6d} {label:14s} {ms * 1e3:8.1f} us {nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s "
+                log(f"ws time B={b:4d} S={s:6d} {label:14s} {ms * 1e3:8.1f} us {nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s "
                     f"({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
         del q_lat, q_rope, kv
         D.free(dev)
-    md.EXPERIMENT.update(WS_VARIANTS["all three"])
-
-
-def det_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
-    """Bitwise repeatability on the inputs of `wsvar`'s case 4 (batch 6 × 1500, bool mask, per-row lengths, NaN
-    past them; the same random stream): 40 calls per variant, how many differ from the first and where: the
-    warp-specialised path as it is, without the mask, without the length, with the mask as additive, without
-    zeroing a partial tile (the cache past the lengths then zeros instead of NaN), and the Triton stage 1."""
-    from transmla_surgery.kernels import mla_decode as md
-
-    r, dr = 512, 64
-    md.EXPERIMENT.update(prefetch_o=False, q_tma=False, epi_cvt=False)
-    torch.manual_seed(0)
-    for n, (b, t, h, s, dtype, splits, lens, mkind) in enumerate(WSVAR_CASES[:5]):
-        q_lat = torch.randn(b, t, h, r, device=dev, dtype=dtype) if b != 16 else \
-            torch.randn(h, b, t, r, device=dev, dtype=dtype).permute(1, 2, 0, 3)
-        q_rope = torch.randn(b, t, h, dr, device=dev, dtype=dtype) if b != 16 else \
-            torch.randn(h, b, t, dr, device=dev, dtype=dtype).permute(1, 2, 0, 3)
-        kv = torch.randn(b, s, r + dr, device=dev, dtype=dtype)
-        kv_len = None
-        if lens == "rows":
-            kv_len = torch.randint(s // 3, s + 1, (b,), device=dev)
-            kv_len[0] = 1
-            for i in range(b):
-                kv[i, int(kv_len[i]):] = float("nan")
-        mask = None
-        if mkind == "bool":
-            mask = torch.ones(b, t, s, dtype=torch.bool, device=dev)
-            mask[:, :, : s // 5] = False
-            mask[1, :, :] = True
-        elif mkind == "additive":
-            mask = torch.randn(b, t, s, device=dev, dtype=dtype)
-    kvz = kv.nan_to_num(0.0)
-    additive = torch.where(mask, 0.0, float("-inf")).to(torch.bfloat16)
-    variants = [("as is", kv, mask, kv_len, {}, 20, True), ("no mask", kv, None, kv_len, {}, 20, True),
-                ("no length", kvz, mask, None, {}, 20, True), ("additive mask", kv, additive, kv_len, {}, 20, True),
-                ("additive, no PDL", kv, additive, kv_len, {}, 20, False),
-                ("additive, no zeroing", kvz, additive, kv_len, dict(zero_tail=False), 20, True),
-                ("additive, Triton", kv, additive, kv_len, {}, 0, True),
-                ("additive, 16 heads", kv, additive, kv_len, {}, 20, True),
-                ("committed kernel, additive", kv, additive, kv_len, {}, 20, True),
-                ("committed kernel, no mask", kv, None, kv_len, {}, 20, True)]
-    import types
-    import _ws_committed as old_ws
-    new_ws = md._ws
-    shim = types.SimpleNamespace(**{k: getattr(old_ws, k) for k in dir(old_ws) if not k.startswith("__")})
-    shim.launch_stage1 = lambda *a, q_tma=False, epi_cvt=False, zero_tail=True, **k: old_ws.launch_stage1(*a, **k)
-    for label, kvv, mk, kl, exp, ring, pdl in variants:
-        md._ws = shim if label.startswith("committed") else new_ws
-        md.EXPERIMENT.update({"zero_tail": True, **exp})
-        cfg = replace(md.DEFAULT_CONFIG, ring_slots=ring, pdl=pdl)
-        lat, kr = kvv[..., :r], kvv[..., r:]
-        ql, qr = (q_lat[:, :, 16:], q_rope[:, :, 16:]) if "16 heads" in label else (q_lat, q_rope)
-        outs = [md.decode_attention_triton(ql, qr, lat, kr, 0.07, mk, kl, num_splits=splits, config=cfg)
-                for _ in range(40)]
-        torch.cuda.synchronize(dev)
-        bad = [k for k, o in enumerate(outs) if not torch.equal(o, outs[0])]
-        where = []
-        for k in bad[:3]:
-            at = torch.nonzero((outs[k].float() - outs[0].float()).abs().nan_to_num(123.0) > 0)
-            where.append(dict(call=k, n=int(at.shape[0]), rows=sorted(set(at[:, 0].tolist()))[:6],
-                              heads=sorted(set(at[:, 2].tolist()))[:6],
-                              max=float((outs[k].float() - outs[0].float()).abs().max())))
-        ROWS.append(dict(kind="det", variant=label, batch=b, context=s, splits=splits, lengths=kv_len.tolist(),
-                         differing_calls=len(bad), where=where))
-        log(f"det {label:16s}: {len(bad):2d} of 40 calls differ {where}")
-    md._ws = new_ws
-    md.EXPERIMENT.update(zero_tail=True)
 
 
 def _stage1_inputs(dev: torch.device, b: int, s: int, layers: int):
@@ -526,15 +386,14 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
 
     heads, r = 32, 512
     layers = 8
-    for b, s, fast in ((16, 8192, False), (16, 8192, True), (64, 8192, True)):
+    for b, s, q_tma in ((16, 8192, False), (16, 8192, True), (64, 8192, True)):
         q_lat, q_rope, kvs, splits, split_len, o_part, lse = _stage1_inputs(dev, b, s, layers)
         stamps = torch.zeros(layers, b * splits, 136, device=dev, dtype=torch.int64)
 
         def run():
             for i, kv in enumerate(kvs):
                 md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads,
-                                     split_len, splits, 0.1, nbuf=20, pdl=True, timing=stamps[i], q_tma=fast,
-                                     epi_cvt=fast)
+                                     split_len, splits, 0.1, nbuf=20, pdl=True, timing=stamps[i], q_tma=q_tma)
 
         ms = D.time_graph(run, dev, reps=10, inner=layers)
         st = stamps.double().cpu()
@@ -559,9 +418,9 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             row["tile_output_med"] = [round(v, 3) for v in (pt[:, :, 3] - pt[:, :, 2]).median(0).values.tolist()]
             row["tile_period_med"] = [round(v, 3) for v in (pt[:, 1:, 0] - pt[:, :-1, 0]).median(0).values.tolist()]
             info.append(row)
-        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, q_tma_and_relaid_partials=fast,
+        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, queries_by_tma=q_tma,
                          us_per_call=ms * 1e3, layers=info))
-        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits} q_tma/relaid={fast}: {ms * 1e3:.1f} us per call")
+        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits} queries by TMA={q_tma}: {ms * 1e3:.1f} us per call")
         for row in info[2:3]:
             log("  " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                 if not isinstance(v, list)))
@@ -714,8 +573,7 @@ def main() -> None:
          "ws": lambda: ws_section(dev, copy_bw, args.smoke),
          "wsfixed": lambda: wsfixed_section(dev, copy_bw, args.smoke),
          "wstiming": lambda: wstiming_section(dev, copy_bw, args.smoke),
-         "wsvar": lambda: wsvar_section(dev, copy_bw, args.smoke),
-         "det": lambda: det_section(dev, copy_bw, args.smoke),
+
          "e2e": lambda: e2e_section(dev, copy_bw, args.smoke)}[section]()
         (out / "decode_select.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print("\n" + table(), flush=True)

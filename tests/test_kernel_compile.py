@@ -153,7 +153,8 @@ def _compile_ws() -> dict:
         ptrs = {"QL": f"*{dtype}", "QR": f"*{dtype}", "c_desc": desc_type, "r_desc": desc_type,
                 "Mask": "*u8" if consts["MASK_MODE"] == 1 else f"*{dtype}", "O_part": "*fp32", "Lse": "*fp32",
                 "Len": "*i64", "Timing": "*i64", "ql_desc": q_type, "qr_desc": q_type}
-        consts = {"NBUF": ws.DEFAULT_NBUF, "TIMING": False, "Q_TMA": True, "EPI_CVT": True, **consts}
+        # the queries by TMA for one query token (as a launch takes them when their strides allow), else loads
+        consts = {"NBUF": ws.DEFAULT_NBUF, "TIMING": False, "Q_TMA": consts["ONE_TOKEN"], **consts}
         return _build(ws._stage1_ws, consts, ptrs, 3, source=GluonASTSource, aligned_strides=False)
 
     out = {}
@@ -164,6 +165,8 @@ def _compile_ws() -> dict:
             out[key] = build(dtype, dict(MASK_MODE=mask_mode, HAS_LEN=has_len, ONE_TOKEN=one))
     out["pdl ws stage1 bf16"] = build("bf16", dict(MASK_MODE=0, HAS_LEN=False, ONE_TOKEN=True, PDL=True))
     out["ws timing stage1 bf16"] = build("bf16", dict(MASK_MODE=0, HAS_LEN=False, ONE_TOKEN=True, TIMING=True))
+    # one query token whose rows TMA cannot address (strides not 16-byte aligned): the queries by loads
+    out["ws queries-by-loads stage1 bf16"] = build("bf16", dict(MASK_MODE=1, HAS_LEN=True, ONE_TOKEN=True, Q_TMA=False))
     return out
 
 
@@ -202,6 +205,9 @@ def test_the_warp_specialised_stage1_compiles_for_hopper(compiled):
         assert 180 * 1024 < info["shared"] <= HOPPER_SMEM_BYTES, (key, info)
         assert info["wgmma"] > 0 and info["tma"] > 0 and info["setmaxnreg"] > 0, (key, info)
         assert (info["globaltimer"] > 0) == ("timing" in key), (key, info)
+    # the cache's 9 copies per tile, and with one query token the queries' 9 (rope chunk and 8 latent chunks)
+    assert ws["ws stage1 bf16 mask=0 len=True one_token=True"]["tma"] == 18
+    assert ws["ws queries-by-loads stage1 bf16"]["tma"] == ws["ws stage1 bf16 mask=1 len=False one_token=False"]["tma"] == 9
 
 
 def test_pdl_emits_grid_dependency_control_only_when_on(compiled):

@@ -45,3 +45,22 @@ def test_what_the_kernel_cannot_address_is_declined():
 def test_never_on_the_cpu():
     q_lat, latent, k_rope = _call()
     assert not ws.supported(q_lat, q_lat[..., :64], latent, k_rope, None, None)
+
+
+def test_one_query_tokens_rows_are_described_for_tma_through_their_strides():
+    """The loader fetches one query token's rows by TMA: a ``[B, H, channels]`` descriptor over the batch and head
+    strides, for the absorbed path's head-major products and for contiguous queries alike, with ``[1, 32, 64]``
+    boxes (heads past ``H`` lie outside the tensor and arrive as zeros). Rows TMA cannot address (a stride or base
+    not 16-byte aligned) get no descriptor, and the kernel loads them instead."""
+    pytest.importorskip("triton.experimental.gluon")
+    b, h = 3, 16
+    head_major = torch.randn(h, b, 1, 576, dtype=torch.bfloat16).permute(1, 2, 0, 3)  # [B, 1, H, 576] view
+    for q in (head_major, torch.randn(b, 1, h, 576, dtype=torch.bfloat16)):
+        ql, qr = q[..., :512], q[..., 512:]
+        d_lat, d_rope = ws.q_descriptors(ql, qr)
+        assert list(d_lat.shape) == [b, h, 512] and list(d_rope.shape) == [b, h, 64]
+        assert list(d_lat.strides) == [ql.stride(0), ql.stride(2), 1]
+        assert list(d_rope.strides) == [qr.stride(0), qr.stride(2), 1]
+        assert list(d_lat.block_shape) == list(d_rope.block_shape) == [1, ws.ROW_BLOCK, 64]
+    odd = torch.randn(b, 1, h, 516, dtype=torch.bfloat16)[..., :512]  # heads 1032 bytes apart: not 16-aligned
+    assert ws.q_descriptors(odd, torch.randn(b, 1, h, 64, dtype=torch.bfloat16)) is None

@@ -685,8 +685,7 @@ def _emulated_ws_stage1(calls):
     row's normalised partial output and base-2 log-sum-exp, the mask or the causal rule deciding which keys count."""
 
     def launch(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2, *,
-               mask_mode=0, mask_t=None, mask_strides=(0, 0, 0), len_t=None, len_stride=0, nbuf, pdl, q_tma=False,
-               epi_cvt=False):
+               mask_mode=0, mask_t=None, mask_strides=(0, 0, 0), len_t=None, len_stride=0, nbuf, pdl):
         calls.append(dict(split_len=split_len, num_splits=num_splits, mask_mode=mask_mode, mask=mask_t,
                           kv_len=len_t, nbuf=nbuf))
         bsz, s = latent.shape[:2]

@@ -17,12 +17,15 @@ Two launches:
 2. ``_stage2_fn``: grid ``(rows, batch)``: merges the splits by their log-sum-exps and writes the output. One
    program per query row takes the maximum of the row's log-sum-exps, then walks the splits ``CHUNK_S`` at a time,
    each chunk's weights and ``[CHUNK_S, r]`` partial tile read by one load each (no chain of one dependent load
-   per split).
+   per split); up to 16 splits in one step, whose partials are loaded together with the log-sum-exps (1-2%
+   faster at batch 16, decode_select.run23).
 
 Merging in stage 1 instead (the last program of a row, counted by an atomic) and 16-bit partials were both
 slower on an H200 (bench/results/decode.md, run 4) and were removed (commit 9fe5822 has them): the stage-1
 kernel is bound by its 255 registers per thread, and code after its tile loop changes how ptxas schedules the
-loop. A merge that also applies the per-head up-projection ``W_UV`` on tensor cores (saving the batched product
+loop. The warp-specialised stage 1 merging its row's partials itself (every program of the row resident at once,
+counters in global memory) gained 0.5-1%, and sharing a row's tiles dynamically among its programs 1.5-2.5% more,
+but that changed the result's last bits from call to call (commit abe846f; decode.md, runs 21-22). A merge that also applies the per-head up-projection ``W_UV`` on tensor cores (saving the batched product
 after it) was 2-18% slower than merge plus product at every batch up to 205 (decode.md, run 8; commit ab881b9
 has it).
 
@@ -305,7 +308,7 @@ def _stage2_fn(
     stride_outb, stride_outt, stride_outh,
     NUM_SPLITS, H,
     DL: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
-    PDL: tl.constexpr, COUNTS: tl.constexpr, PREFETCH_O: tl.constexpr = True,
+    PDL: tl.constexpr, COUNTS: tl.constexpr,
 ):
     """One query row: ``out = Σ_j 2^(lse_j - max) · O_j / Σ_j 2^(lse_j - max)`` over its ``NUM_SPLITS`` partials
     (``BLOCK_S``: the split count rounded up to a power of two; ``CHUNK_S = min(BLOCK_S, 16)`` splits per step).
@@ -326,7 +329,7 @@ def _stage2_fn(
     sp_ok = sp < NUM_SPLITS
     # all splits' log-sum-exps in one load; weight 0 past the split count and for an empty split (-inf)
     lse = tl.load(lse_row + sp, mask=sp_ok, other=float("-inf"))
-    if BLOCK_S == CHUNK_S and PREFETCH_O:
+    if BLOCK_S == CHUNK_S:
         # One step (up to 16 splits): the partials' load goes out together with the log-sum-exps', not one
         # memory round trip after their maximum.
         o = tl.load(base + sp[:, None] * stride_os + dl[None, :], mask=sp_ok[:, None] & dl_ok[None, :], other=0.0)
@@ -425,8 +428,6 @@ def choose_num_splits(
             best, best_cost = splits, cost
     return best
 
-
-EXPERIMENT = {"prefetch_o": True, "epi_cvt": True, "q_tma": True}  # temporary switches (bench/decode_select.py)
 
 _SEGMENT_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
@@ -572,9 +573,7 @@ def decode_attention_triton(
     if use_ws:  # mask and length in the same launch: it reads one mask row per tile, not one per head
         _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, scale * LOG2E,
                           mask_mode=mask_mode, mask_t=mask_t if mask_mode else None, mask_strides=mstr,
-                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl,
-                          q_tma=EXPERIMENT["q_tma"], epi_cvt=EXPERIMENT["epi_cvt"],
-                          zero_tail=EXPERIMENT.get("zero_tail", True))
+                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl)
         passes = []
     elif mask_mode == 1 and t == 1:
         # One query token and a bool mask (decode in `generate`): a mask read in every tile costs the
@@ -620,7 +619,7 @@ def decode_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         num_splits, h,
         DL=r, BLOCK_DL=triton.next_power_of_2(r), BLOCK_S=block_s, CHUNK_S=min(block_s, 16), PDL=pdl,
-        COUNTS=streamed, PREFETCH_O=EXPERIMENT["prefetch_o"], num_warps=4, **launch_kw,
+        COUNTS=streamed, num_warps=4, **launch_kw,
     )
     return out
 

@@ -20,12 +20,14 @@ are done. On an H200 its tile loop streams at about 88% of the copy bandwidth wi
   whose sums stay per thread until the last tile, output ``Oᵀ [512, rows] += Vᵀ · Pᵀ`` as eight ``[64, rows]``
   accumulators; each chunk goes back to the loader as soon as its products are done.
 
-The queries' loads are issued before the loader starts (behind its first copies they waited 4-7 µs). Tokens past
-the split's end or the row's length are masked out of the softmax, and a partial last tile's latent rows past
-them are zeroed in shared memory (the cache may hold anything there, NaN included, and 0 · NaN is NaN in the
-output product); copies past the end of the whole cache are zero-filled by the TMA unit. Two consumers taking
-alternate tiles, and issuing the next tile's scores early, were slower: the ring holds 2.2 tiles, and holding
-two leaves nothing in flight (decode.md, runs 9-10).
+With one query token (decode) the loader's first copies are the queries themselves, 9 TMA boxes of ``[32 rows,
+64]`` through the queries' batch and head strides (`q_descriptors`); otherwise the multiplying warps load them
+before the loader starts (behind its first copies they waited 4-7 µs). Tokens past the split's end or the row's
+length are masked out of the softmax, and a partial last tile's latent rows past them are zeroed in shared memory
+(the cache may hold anything there, NaN included, and 0 · NaN is NaN in the output product); copies past the end
+of the whole cache are zero-filled by the TMA unit. Two consumers taking alternate tiles, and issuing the next
+tile's scores early, were slower: the ring holds 2.2 tiles, and holding two leaves nothing in flight (decode.md,
+runs 9-10).
 
 Gluon has no CPU interpreter: `tests/test_kernel_compile.py` compiles this kernel for sm_90a on the CPU, and its
 numerics are checked against the PyTorch reference on a Hopper GPU by `bench/decode.py`.
@@ -251,9 +253,9 @@ if gluon is not None:
     def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
                   start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
                   q_bar, NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
-                  Q_TMA: gl.constexpr, EPI_CVT: gl.constexpr, ZERO_TAIL: gl.constexpr):
-        """The multiplying warpgroup (the default partition): stores the queries, whose loads were issued before
-        the loader started, then runs the split's tiles and writes the normalised partial output ``O_part``
+                  Q_TMA: gl.constexpr):
+        """The multiplying warpgroup (the default partition): waits for the queries (``Q_TMA``: the loader's
+        copies) or stores them (their loads were issued before the loader started), then runs the split's tiles and writes the normalised partial output ``O_part``
         (``o_base`` + row · ``stride_om`` + channel) and the base-2 log-sum-exp (``lse_base`` + row ·
         ``stride_lsem``)."""
         if Q_TMA:
@@ -303,7 +305,7 @@ if gluon is not None:
                     gl.store(Timing + 9 + 4 * i, _now())
             m_i, l_i, alpha = _softmax_to_smem(s, mv, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
                                                sm_scale_log2, MASK_MODE, ONE_TOKEN)
-            if ZERO_TAIL and start + (i + 1) * BLOCK_N > end:  # the last tile, partial
+            if start + (i + 1) * BLOCK_N > end:  # the last tile, partial
                 _zero_tail(ring, i, end - start - i * BLOCK_N, NBUF)
             if TIMING:
                 if i < 32:
@@ -323,35 +325,18 @@ if gluon is not None:
         inv = (1.0 / gl.where(has, l_i, 1.0))[None, :]
         lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
         gl.store(Lse + lse_base + rows * stride_lsem, lse, mask=row_ok)
-        if EPI_CVT:
-            # through shared memory into a layout where each lane writes 4 consecutive channels (16 bytes) and
-            # a warp two rows' 256 bytes each
-            st: gl.constexpr = gl.BlockedLayout([4, 1], [16, 2], [1, 4], [0, 1])
-            ch = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, st))
-            rs = gl.arange(0, ROWS, layout=gl.SliceLayout(0, st))
-            o_ptr = O_part + o_base + rs[None, :] * stride_om + ch[:, None]
-            ok = (rs < M)[None, :]
-            gl.store(o_ptr + 0 * CHUNK, gl.convert_layout(o0 * inv, st), mask=ok)
-            gl.store(o_ptr + 1 * CHUNK, gl.convert_layout(o1 * inv, st), mask=ok)
-            gl.store(o_ptr + 2 * CHUNK, gl.convert_layout(o2 * inv, st), mask=ok)
-            gl.store(o_ptr + 3 * CHUNK, gl.convert_layout(o3 * inv, st), mask=ok)
-            gl.store(o_ptr + 4 * CHUNK, gl.convert_layout(o4 * inv, st), mask=ok)
-            gl.store(o_ptr + 5 * CHUNK, gl.convert_layout(o5 * inv, st), mask=ok)
-            gl.store(o_ptr + 6 * CHUNK, gl.convert_layout(o6 * inv, st), mask=ok)
-            gl.store(o_ptr + 7 * CHUNK, gl.convert_layout(o7 * inv, st), mask=ok)
-        else:
-            # straight from the accumulator layout: each group of 4 lanes writes 8 consecutive channels (32 bytes)
-            ch = gl.arange(0, CHUNK, layout=tok_l)
-            o_ptr = O_part + o_base + rows[None, :] * stride_om + ch[:, None]
-            ok = row_ok[None, :]
-            gl.store(o_ptr + 0 * CHUNK, o0 * inv, mask=ok)
-            gl.store(o_ptr + 1 * CHUNK, o1 * inv, mask=ok)
-            gl.store(o_ptr + 2 * CHUNK, o2 * inv, mask=ok)
-            gl.store(o_ptr + 3 * CHUNK, o3 * inv, mask=ok)
-            gl.store(o_ptr + 4 * CHUNK, o4 * inv, mask=ok)
-            gl.store(o_ptr + 5 * CHUNK, o5 * inv, mask=ok)
-            gl.store(o_ptr + 6 * CHUNK, o6 * inv, mask=ok)
-            gl.store(o_ptr + 7 * CHUNK, o7 * inv, mask=ok)
+        # straight from the accumulator layout: each group of 4 lanes writes 8 consecutive channels (32 bytes)
+        ch = gl.arange(0, CHUNK, layout=tok_l)
+        o_ptr = O_part + o_base + rows[None, :] * stride_om + ch[:, None]
+        ok = row_ok[None, :]
+        gl.store(o_ptr + 0 * CHUNK, o0 * inv, mask=ok)
+        gl.store(o_ptr + 1 * CHUNK, o1 * inv, mask=ok)
+        gl.store(o_ptr + 2 * CHUNK, o2 * inv, mask=ok)
+        gl.store(o_ptr + 3 * CHUNK, o3 * inv, mask=ok)
+        gl.store(o_ptr + 4 * CHUNK, o4 * inv, mask=ok)
+        gl.store(o_ptr + 5 * CHUNK, o5 * inv, mask=ok)
+        gl.store(o_ptr + 6 * CHUNK, o6 * inv, mask=ok)
+        gl.store(o_ptr + 7 * CHUNK, o7 * inv, mask=ok)
         if TIMING:
             gl.store(Timing + 5, _now())
 
@@ -366,8 +351,7 @@ if gluon is not None:
         S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False, EPI_CVT: gl.constexpr = False,
-        ZERO_TAIL: gl.constexpr = True,
+        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
@@ -389,9 +373,10 @@ if gluon is not None:
         b = gl.program_id(1)
         b64 = b.to(gl.int64)
 
-        # The queries' loads go out first, before the barriers are set up and the loader starts: behind the
-        # loader's first copies (160 KiB per SM) they took 4-7 µs on an H200 (decode_select.run15/16)
-        if Q_TMA:  # the loader fetches them first, by TMA (one query token; `q_descriptors`)
+        # The queries: with Q_TMA the loader's first copies; else their loads go out first, before the barriers
+        # are set up and the loader starts (behind the loader's first copies, 160 KiB per SM, they took 4-7 µs on
+        # an H200, decode_select.run15/16). By TMA, 1-4% faster at batch 1-64 (decode_select.run23).
+        if Q_TMA:
             qr = 0
             q0 = 0
             q1 = 0
@@ -431,13 +416,18 @@ if gluon is not None:
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROWS], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [9, ROWS, CHUNK], q_sl)
         p_buf = gl.allocate_shared_memory(dtype, [BLOCK_N, ROWS], p_sl)
-        ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        # ready[NBUF]: the queries' barrier with Q_TMA. It sits in the ring's array, which stays allocated to the
+        # end: an initialised mbarrier whose memory the compiler hands to something else (a separate allocation,
+        # unused after the queries, was) is undefined behaviour, and measured as the last bit of head 0 changing
+        # from call to call on an H200 (decode_select.run26-28)
+        ready = gl.allocate_shared_memory(gl.int64, [NBUF + 1, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-        q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout()).index(0)
         for k in gl.static_range(NBUF):
             mbarrier.init(ready.index(k), count=1)
             mbarrier.init(empty.index(k), count=1)
-        mbarrier.init(q_bar, count=1)
+        q_bar = ready.index(NBUF)
+        if Q_TMA:
+            mbarrier.init(q_bar, count=1)
         fence_async_shared()
 
         o_base = b64 * stride_ob + pid_s * stride_os
@@ -446,7 +436,7 @@ if gluon is not None:
             (_consumer, ((qr, q0, q1, q2, q3, q4, q5, q6, q7), q_smem, ring, ready, empty, p_buf, O_part, Lse,
                          Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
                          sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, NBUF, MASK_MODE,
-                         ONE_TOKEN, TIMING, Q_TMA, EPI_CVT, ZERO_TAIL)),
+                         ONE_TOKEN, TIMING, Q_TMA)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
                        NBUF, Q_TMA)),
         ], [1], [24])
@@ -484,14 +474,14 @@ def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = False,
-                  epi_cvt: bool = False, zero_tail: bool = True) -> None:
+                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
     read as bytes, 2 additive), ``mask_t`` ``[B or 1, T, S]`` with ``mask_strides`` (0 where broadcast); ``len_t``
-    (flat int tensor) with ``len_stride`` (0: one length for all rows). ``timing`` (a diagnostic, int64
-    ``[B · num_splits, 136]``): per-program timestamps, see `_stage1_ws`."""
+    (flat int tensor) with ``len_stride`` (0: one length for all rows). ``q_tma``: one query token's rows come
+    by TMA where `q_descriptors` can describe them (else, and with ``False``, by loads). ``timing`` (a
+    diagnostic, int64 ``[B · num_splits, 136]``): per-program timestamps, see `_stage1_ws`."""
     assert lse.stride(-1) == 1
     b, s = latent.shape[0], latent.shape[1]
     c_desc, r_desc = descriptors(latent, k_rope)
@@ -507,5 +497,5 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
         *(qd if qd is not None else (c_desc, c_desc)),
         NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
-        TIMING=timing is not None, Q_TMA=qd is not None, EPI_CVT=epi_cvt, ZERO_TAIL=zero_tail, num_warps=4, **kw,
+        TIMING=timing is not None, Q_TMA=qd is not None, num_warps=4, **kw,
     )
