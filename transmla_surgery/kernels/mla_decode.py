@@ -25,9 +25,9 @@ slower on an H200 (bench/results/decode.md, run 4) and were removed (commit 9fe5
 kernel is bound by its 255 registers per thread, and code after its tile loop changes how ptxas schedules the
 loop. The warp-specialised stage 1 merging its row's partials itself (every program of the row resident at once,
 counters in global memory) gained 0.5-1%, and sharing a row's tiles dynamically among its programs 1.5-2.5% more,
-but that changed the result's last bits from call to call (commit abe846f; decode.md, runs 21-22). A merge that also applies the per-head up-projection ``W_UV`` on tensor cores (saving the batched product
-after it) was 2-18% slower than merge plus product at every batch up to 205 (decode.md, run 8; commit ab881b9
-has it).
+but that changed the result's last bits from call to call (commit abe846f; decode.md, runs 21-22). A merge that
+also applies the per-head up-projection ``W_UV`` on tensor cores (saving the batched product after it) was 2-18%
+slower than merge plus product at every batch up to 205 (decode.md, run 8; commit ab881b9 has it).
 
 Queries are read in place through their batch, token and head strides; the output ``[B, T, H, r]`` is a view
 of head-major storage (``[H, B, T, r]``), the layout the per-head up-projection after it reads without a copy.

@@ -255,9 +255,9 @@ if gluon is not None:
                   q_bar, NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
                   Q_TMA: gl.constexpr):
         """The multiplying warpgroup (the default partition): waits for the queries (``Q_TMA``: the loader's
-        copies) or stores them (their loads were issued before the loader started), then runs the split's tiles and writes the normalised partial output ``O_part``
-        (``o_base`` + row · ``stride_om`` + channel) and the base-2 log-sum-exp (``lse_base`` + row ·
-        ``stride_lsem``)."""
+        copies) or stores them (their loads were issued before the loader started), then runs the split's tiles
+        and writes the normalised partial output ``O_part`` (``o_base`` + row · ``stride_om`` + channel) and the
+        base-2 log-sum-exp (``lse_base`` + row · ``stride_lsem``)."""
         if Q_TMA:
             mbarrier.wait(q_bar, 0)
         else:
