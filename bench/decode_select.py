@@ -417,6 +417,11 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             row["tile_softmax_med"] = [round(v, 3) for v in (pt[:, :, 2] - pt[:, :, 1]).median(0).values.tolist()]
             row["tile_output_med"] = [round(v, 3) for v in (pt[:, :, 3] - pt[:, :, 2]).median(0).values.tolist()]
             row["tile_period_med"] = [round(v, 3) for v in (pt[:, 1:, 0] - pt[:, :-1, 0]).median(0).values.tolist()]
+            if i in (2, 5):  # per program: SM, batch row, split, first tile, loop (µs): where the spread comes from
+                row["programs"] = [dict(sm=int(st[i, k, 6]), row=k // splits, split=k % splits,
+                                        first=round(float((f - q)[k]), 3), loop=round(float((lp - f)[k]), 3),
+                                        end=round(float(ep[k]), 3))
+                                   for k in range(st.shape[1])]
             info.append(row)
         ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, queries_by_tma=q_tma,
                          us_per_call=ms * 1e3, layers=info))
