@@ -377,15 +377,7 @@ if gluon is not None:
         # are set up and the loader starts (behind the loader's first copies, 160 KiB per SM, they took 4-7 µs on
         # an H200, decode_select.run15/16). By TMA, 1-4% faster at batch 1-64 (decode_select.run23).
         if Q_TMA:
-            qr = 0
-            q0 = 0
-            q1 = 0
-            q2 = 0
-            q3 = 0
-            q4 = 0
-            q5 = 0
-            q6 = 0
-            q7 = 0
+            q_chunks = (0, 0, 0, 0, 0, 0, 0, 0, 0)  # unused: the consumer waits for the loader's copies
         else:
             ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
             q_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
@@ -404,6 +396,7 @@ if gluon is not None:
             q5 = gl.load(ql_ptr + 5 * CHUNK, mask=q_ok, other=0.0)
             q6 = gl.load(ql_ptr + 6 * CHUNK, mask=q_ok, other=0.0)
             q7 = gl.load(ql_ptr + 7 * CHUNK, mask=q_ok, other=0.0)
+            q_chunks = (qr, q0, q1, q2, q3, q4, q5, q6, q7)
 
         kv_len = S
         if HAS_LEN:
@@ -433,7 +426,7 @@ if gluon is not None:
         o_base = b64 * stride_ob + pid_s * stride_os
         lse_base = b64 * stride_lseb + pid_s  # Lse [B, M, splits], splits contiguous
         gl.warp_specialize([
-            (_consumer, ((qr, q0, q1, q2, q3, q4, q5, q6, q7), q_smem, ring, ready, empty, p_buf, O_part, Lse,
+            (_consumer, (q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse,
                          Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
                          sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, NBUF, MASK_MODE,
                          ONE_TOKEN, TIMING, Q_TMA)),
@@ -457,18 +450,17 @@ def descriptors(latent: torch.Tensor, k_rope: torch.Tensor):
 
 
 def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
-    """TMA descriptors of one query token's rows, ``[B, H, channels]`` through the queries' batch and head
-    strides (the absorbed path's head-major products and contiguous ones alike), ``[1, 32, 64]`` boxes: heads
-    past ``H`` are outside the tensor, so the copy fills them with zeros. ``None`` where TMA cannot address them
-    (strides or base not 16-byte aligned)."""
+    """TMA descriptors ``(latent part, rope part)`` of one query token's rows, ``[B, H, channels]`` through the
+    queries' batch and head strides (the absorbed path's head-major products and contiguous ones alike),
+    ``[1, 32, 64]`` boxes: heads past ``H`` are outside the tensor, so the copy fills them with zeros. ``None``
+    where TMA cannot address them (strides or base not 16-byte aligned)."""
     b, _, h, _ = ql.shape
+    if any(x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16 or (x.stride(2) * x.element_size()) % 16
+           for x in (ql, qr)):
+        return None
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=ql.element_size() * 8, rank=3)
-    out = []
-    for x in (qr, ql):
-        if x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16 or (x.stride(2) * x.element_size()) % 16:
-            return None
-        out.append(TensorDescriptor(x, [b, h, x.shape[-1]], [x.stride(0), x.stride(2), 1], [1, ROW_BLOCK, 64], layout))
-    return out[1], out[0]
+    return tuple(TensorDescriptor(x, [b, h, x.shape[-1]], [x.stride(0), x.stride(2), 1], [1, ROW_BLOCK, 64], layout)
+                 for x in (ql, qr))
 
 
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
