@@ -685,10 +685,9 @@ def _emulated_ws_stage1(calls):
     row's normalised partial output and base-2 log-sum-exp, the mask or the causal rule deciding which keys count."""
 
     def launch(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2, *,
-               mask_mode=0, mask_t=None, mask_strides=(0, 0, 0), len_t=None, len_stride=0, nbuf, pdl, out=None,
-               sync=None, cooperative=False):
+               mask_mode=0, mask_t=None, mask_strides=(0, 0, 0), len_t=None, len_stride=0, nbuf, pdl):
         calls.append(dict(split_len=split_len, num_splits=num_splits, mask_mode=mask_mode, mask=mask_t,
-                          kv_len=len_t, nbuf=nbuf, merged=out is not None, sync=sync))
+                          kv_len=len_t, nbuf=nbuf))
         bsz, s = latent.shape[:2]
         for b in range(bsz):
             n = s if len_t is None else min(int(len_t[b * len_stride]), s)
@@ -712,23 +711,16 @@ def _emulated_ws_stage1(calls):
                 l = p.sum(-1, keepdim=True)
                 o_part[b, :, j] = (p @ latent[b, lo:hi].double() / l.clamp_min(1e-300)).float()
                 lse[b, :, j] = torch.where(l[:, 0] > 0, mx[:, 0] + torch.log2(l[:, 0]), float("-inf")).float()
-            if out is not None:  # the in-kernel merge: the row's partials weighted by their log-sum-exps
-                w = torch.exp2(lse[b].double() - lse[b].double().amax(-1, keepdim=True))  # [m_rows, splits]
-                merged = (w[..., None] * o_part[b].double()).sum(1) / w.sum(1, keepdim=True)
-                out[b] = merged.reshape(t, h, -1).to(out.dtype)
 
     return launch
 
 
 @in_process
-@pytest.mark.parametrize("merge_in_kernel", [True, False])
 @pytest.mark.parametrize("case", ["bare", "length", "bool_mask", "float_mask_two_tokens"])
-def test_warp_specialised_stage1_gets_the_splits_mask_and_length(case, merge_in_kernel, monkeypatch):
+def test_warp_specialised_stage1_gets_the_splits_mask_and_length(case, monkeypatch):
     """Where the Gluon stage 1 applies, `decode_attention_triton` hands it the split schedule, the mask and the
-    length and launches no Triton stage 1 (not even the row classification of a bool mask); it merges the
-    partials itself (the grid fits the multiprocessors, at most 8 splits: handed the output and the device's
-    arrival counters, no merge launch follows), or without `merge_in_kernel` the same stage 2 does. With a
-    PyTorch stand-in for the Gluon kernel the result is the reference's."""
+    length, launches no Triton stage 1 (not even the row classification of a bool mask) and merges its partials
+    with the same stage 2: with a PyTorch stand-in for the Gluon kernel the result is the reference's."""
     from transmla_surgery.kernels import mla_decode as md
 
     calls = []
@@ -751,20 +743,13 @@ def test_warp_specialised_stage1_gets_the_splits_mask_and_length(case, merge_in_
         bias[:, :, ::5] = torch.finfo(torch.float32).min
         mask = bias
     out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, mask, kv_len, num_splits=4,
-                                  config=KernelConfig(block_n=16, block_h=16, num_stages=1, ring_slots=20,
-                                                      merge_in_kernel=merge_in_kernel))
+                                  config=KernelConfig(block_n=16, block_h=16, num_stages=1, ring_slots=20))
     # 4 splits of 300 tokens asked: 75 rounded up to the Gluon kernel's 64-token tiles is 128, so 3 splits
     assert len(calls) == 1 and calls[0]["nbuf"] == 20
     assert (calls[0]["split_len"], calls[0]["num_splits"]) == (128, 3)
     assert calls[0]["mask_mode"] == (0 if mask is None else 1 if mask.dtype == torch.bool else 2)
     assert (calls[0]["mask"] is None) == (mask is None) and (calls[0]["kv_len"] is None) == (kv_len is None)
-    assert calls[0]["merged"] == merge_in_kernel
-    if merge_in_kernel:
-        assert [st for st, _, _ in launches] == []  # no merge launch either
-        sync = calls[0]["sync"]
-        assert sync is md.merge_sync(lat.device) and sync.dtype == torch.int64 and sync.numel() >= b
-    else:
-        assert [st for st, _, _ in launches] == [2]  # the merge only
+    assert [st for st, _, _ in launches] == [2]  # the merge only
     if case == "length":
         refs = [_ref(q_lat[i:i + 1], q_rope[i:i + 1], lat[i:i + 1, :n], kr[i:i + 1, :n], 0.1)
                 for i, n in enumerate(kv_len.tolist())]

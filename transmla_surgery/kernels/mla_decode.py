@@ -124,10 +124,6 @@ class KernelConfig:
     # the bare call): with ``ring_slots`` > 0 it runs with that many 8 KiB ring slots where it applies (the split
     # schedule; ``block_n``/``num_warps``/``num_stages`` do not apply to it), the Triton stage 1 elsewhere.
     ring_slots: int = 0
-    # The split partials merged inside the warp-specialised stage 1 (`mla_decode_ws`: each batch row's programs
-    # meet at a per-row arrival counter, then each merges its share of the row's 512 channels), no second launch:
-    # where the whole grid is resident at once (programs <= multiprocessors, one block each) with at most 8 splits.
-    merge_in_kernel: bool = True
 
 
 # Where the warp-specialised Gluon stage 1 applies (a Hopper GPU; 16-bit, 512 + 64, at most 32 query rows; any
@@ -466,27 +462,6 @@ def _build_segments(batch: int, tiles_per_row: int, programs: int, device: torch
     return table, torch.tensor(count, dtype=torch.int32, device=device), max(count)
 
 
-# The arrival counters of `KernelConfig.merge_in_kernel`, one int64 per batch row, per device: zero once, then
-# only growing (`mla_decode_ws._row_barrier`). They are shared by every call on the device, so two such calls
-# must not run at the same time (streams that overlap); graphs replay them one after another as the stream does.
-_MERGE_SYNC: dict[torch.device, torch.Tensor] = {}
-MERGE_SYNC_ROWS = 1024  # batch rows a merging launch may have (its grid is at most one block per multiprocessor)
-# The merging launch as a cooperative grid: the driver then refuses one that cannot be resident at once (another
-# context holding multiprocessors) instead of its programs waiting for each other forever.
-COOPERATIVE = True
-
-
-def merge_sync(device: torch.device) -> torch.Tensor | None:
-    """The device's arrival counters for the in-kernel merge, created on the first call outside CUDA-graph
-    capture (a capture would own the memory); ``None`` while capturing before any such call."""
-    device = torch.device(device)
-    if device not in _MERGE_SYNC:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _MERGE_SYNC[device] = torch.zeros(MERGE_SYNC_ROWS, dtype=torch.int64, device=device)
-    return _MERGE_SYNC[device]
-
-
 def _ws_applies(interpret: bool, q_lat, q_rope, latent, k_rope, mask, kv_len) -> bool:
     """Whether the warp-specialised Gluon stage 1 takes the call (compiled launches on a Hopper GPU, its
     geometry): `mla_decode_ws.supported`, never under the interpreter (Gluon has none)."""
@@ -596,16 +571,9 @@ def decode_attention_triton(
     launch_kw = {"launch_pdl": True} if pdl else {}
     prefix = ql
     if use_ws:  # mask and length in the same launch: it reads one mask row per tile, not one per head
-        sync = None
-        if (cfg.merge_in_kernel and num_splits <= _ws.FUSED_MAX_SPLITS and num_splits * b <= slots
-                and b <= MERGE_SYNC_ROWS):
-            sync = merge_sync(latent.device)
         _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, scale * LOG2E,
                           mask_mode=mask_mode, mask_t=mask_t if mask_mode else None, mask_strides=mstr,
-                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl,
-                          out=None if sync is None else out, sync=sync, cooperative=sync is not None and COOPERATIVE)
-        if sync is not None:
-            return out
+                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl)
         passes = []
     elif mask_mode == 1 and t == 1:
         # One query token and a bool mask (decode in `generate`): a mask read in every tile costs the

@@ -56,8 +56,6 @@ except Exception:  # pragma: no cover - triton absent or without Gluon
 DEFAULT_NBUF = 20  # ring slots of 8 KiB (with the 36 KiB of queries and the P tiles: within 227 KiB)
 TILE_TOKENS = 64  # tokens per tile: the M of one warpgroup MMA
 ROW_BLOCK = 32  # query rows per program (padded)
-FUSED_MAX_SPLITS = 8  # the in-kernel merge: one 64-channel chunk of the 512 per program at least
-SYNC_TICKET = 840  # the least common multiple of 1..8: a call adds this to its rows' arrival counters
 
 
 def available() -> bool:
@@ -105,8 +103,6 @@ if gluon is not None:
     BLOCK_N = gl.constexpr(TILE_TOKENS)
     CHUNK = gl.constexpr(64)  # channels per ring slot (128 bytes of a 16-bit dtype: one 128-byte swizzle row)
     ROWS = gl.constexpr(ROW_BLOCK)
-    SYNC_TICKET_ = gl.constexpr(SYNC_TICKET)
-    FUSED_MAX = gl.constexpr(FUSED_MAX_SPLITS)
 
     @gluon.jit
     def _pdl_enter():
@@ -254,66 +250,14 @@ if gluon is not None:
         fence_async_shared()  # generic-proxy stores, then the output products' async-proxy reads
 
     @gluon.jit
-    def _row_barrier(Sync, n_splits):
-        """Wait until the batch row's ``n_splits`` programs have all written their partials. ``Sync`` (int64, one
-        per batch row, persistent) only grows: each program adds ``SYNC_TICKET // n_splits``, so a whole call adds
-        ``SYNC_TICKET`` whatever its split count, and a program's call ends at the next multiple of
-        ``SYNC_TICKET`` above the value it found. One thread arrives and polls for the warpgroup (release after
-        the barrier that follows the partial stores, acquire before the one that precedes the merge's loads), as
-        CUTLASS's semaphores do."""
-        gl.thread_barrier()
-        ticket = (SYNC_TICKET_ // n_splits).to(gl.int64)
-        old = gl.atomic_add(Sync, ticket, sem="acq_rel", scope="gpu")
-        target = old - old % SYNC_TICKET_ + SYNC_TICKET_
-        seen = old + ticket
-        while seen < target:
-            seen = gl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
-        gl.thread_barrier()
-
-    @gluon.jit
-    def _merge_chunk(Lse, O_part, Out, lse_off, o_off, out_off, stride_lsem, stride_om, stride_os, stride_outt,
-                     stride_outh, H, M, n_splits, k):
-        """``Out[rows, chunk k] = Σ_j 2^(lse_j - max) · O_j / Σ_j 2^(lse_j - max)`` over the row's ``n_splits``
-        (at most 8) partials of one ``[ROWS, 64 channels]`` chunk, in split order (the same bits on every call).
-        The partials were written by the row's programs during this launch: read through L2 (``.cg``), never
-        this multiprocessor's L1; four channels per load."""
-        ml: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
-        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ml))
-        ch = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, ml))
-        row_ok = rows < M
-        lses = ()
-        mx = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, ml))
-        for j in gl.static_range(FUSED_MAX):
-            lj = gl.load(Lse + lse_off + rows * stride_lsem + j, mask=row_ok & (j < n_splits), other=float("-inf"),
-                         cache_modifier=".cg")
-            lses = lses + (lj,)
-            mx = gl.maximum(mx, lj)
-        mx = gl.where(mx == float("-inf"), 0.0, mx)  # no key in the whole row: every weight 0
-        ptr = O_part + o_off + rows[:, None] * stride_om + k * CHUNK + ch[None, :]
-        ok = row_ok[:, None]
-        acc = gl.zeros([ROWS, CHUNK], gl.float32, layout=ml)
-        den = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, ml))
-        for j in gl.static_range(FUSED_MAX):
-            oj = gl.load(ptr + j * stride_os, mask=ok & (j < n_splits), other=0.0, cache_modifier=".cg")
-            w = gl.exp2(lses[j] - mx)
-            acc = acc + w[:, None] * oj
-            den = den + w
-        out = acc / gl.where(den > 0.0, den, 1.0)[:, None]
-        t_row = rows // H
-        gl.store(Out + out_off + (t_row * stride_outt + (rows - t_row * H) * stride_outh)[:, None] + k * CHUNK
-                 + ch[None, :], out.to(Out.dtype.element_ty), mask=ok)
-
-    @gluon.jit
     def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
                   start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
-                  q_bar, Out, out_base, stride_outt, stride_outh, H, Sync, stride_os,
-                  NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
-                  Q_TMA: gl.constexpr, FUSED: gl.constexpr):
+                  q_bar, NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
+                  Q_TMA: gl.constexpr):
         """The multiplying warpgroup (the default partition): waits for the queries (``Q_TMA``: the loader's
         copies) or stores them (their loads were issued before the loader started), then runs the split's tiles
         and writes the normalised partial output ``O_part`` (``o_base`` + row · ``stride_om`` + channel) and the
-        base-2 log-sum-exp (``lse_base`` + row · ``stride_lsem``). ``FUSED``: then meets the row's other programs
-        (`_row_barrier`) and merges its share of the row's channels into ``Out`` (`_merge_chunk`)."""
+        base-2 log-sum-exp (``lse_base`` + row · ``stride_lsem``)."""
         if Q_TMA:
             mbarrier.wait(q_bar, 0)
         else:
@@ -395,19 +339,6 @@ if gluon is not None:
         gl.store(o_ptr + 7 * CHUNK, o7 * inv, mask=ok)
         if TIMING:
             gl.store(Timing + 5, _now())
-        if FUSED:
-            # the row's programs meet, then program j merges the channel chunks k with k mod splits == j
-            pid_s = gl.program_id(0)
-            n_splits = gl.num_programs(0)
-            _row_barrier(Sync, n_splits)
-            if TIMING:
-                gl.store(Timing + 136, _now())
-            for k in gl.static_range(8):
-                if k % n_splits == pid_s:
-                    _merge_chunk(Lse, O_part, Out, lse_base - pid_s, o_base - pid_s * stride_os, out_base,
-                                 stride_lsem, stride_om, stride_os, stride_outt, stride_outh, H, M, n_splits, k)
-            if TIMING:
-                gl.store(Timing + 137, _now())
 
     @gluon.jit
     def _stage1_ws(
@@ -418,20 +349,18 @@ if gluon is not None:
         stride_ob, stride_om, stride_os,
         stride_lseb, stride_lsem,
         S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc,
-        Out, stride_outb, stride_outt, stride_outh, Sync,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False, FUSED: gl.constexpr = False,
+        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
         tile). ``HAS_LEN``: ``Len[b · stride_lb]`` bounds the tokens read. ``TIMING`` (a diagnostic): each program
-        writes 138 int64 to ``Timing[program]``: global-timer nanoseconds at entry, after the PDL wait, queries
+        writes 136 int64 to ``Timing[program]``: global-timer nanoseconds at entry, after the PDL wait, queries
         stored, first tile's scores done, loop done, partial written; its SM; one unused; then for each of the
-        first 32 tiles: before its scores, scores done, softmax done, output products done; with ``FUSED`` then
-        the row's barrier passed and the merge done."""
+        first 32 tiles: before its scores, scores done, softmax done, output products done."""
         if TIMING:
-            Timing = Timing + (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)) * 138
+            Timing = Timing + (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)) * 136
             gl.store(Timing + 0, _now())
             gl.store(Timing + 6, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32,
                                                            is_pure=False, pack=1).to(gl.int64))
@@ -499,9 +428,8 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse,
                          Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
-                         sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar,
-                         Out, b64 * stride_outb, stride_outt, stride_outh, H, Sync + b64, stride_os,
-                         NBUF, MASK_MODE, ONE_TOKEN, TIMING, Q_TMA, FUSED)),
+                         sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, NBUF, MASK_MODE,
+                         ONE_TOKEN, TIMING, Q_TMA)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
                        NBUF, Q_TMA)),
         ], [1], [24])
@@ -538,29 +466,19 @@ def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True,
-                  out: torch.Tensor | None = None, sync: torch.Tensor | None = None,
-                  cooperative: bool = False) -> None:
+                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
     read as bytes, 2 additive), ``mask_t`` ``[B or 1, T, S]`` with ``mask_strides`` (0 where broadcast); ``len_t``
     (flat int tensor) with ``len_stride`` (0: one length for all rows). ``q_tma``: one query token's rows come
     by TMA where `q_descriptors` can describe them (else, and with ``False``, by loads). ``timing`` (a
-    diagnostic, int64 ``[B · num_splits, 138]``): per-program timestamps, see `_stage1_ws`. ``out`` (``[B, T, H,
-    r]`` through any strides) with ``sync`` (int64, at least ``B`` arrival counters, see `merge_sync`): the row's
-    programs merge the partials themselves (`fused_merge_applies` says when it may), no merge launch follows;
-    ``cooperative``: launched as a cooperative grid (the driver refuses a grid that cannot be resident at once)."""
+    diagnostic, int64 ``[B · num_splits, 136]``): per-program timestamps, see `_stage1_ws`."""
     assert lse.stride(-1) == 1
     b, s = latent.shape[0], latent.shape[1]
     c_desc, r_desc = descriptors(latent, k_rope)
     qd = q_descriptors(ql, qr) if q_tma and t == 1 else None
     kw = {"launch_pdl": True} if pdl else {}
-    if cooperative:
-        kw["launch_cooperative_grid"] = True
-    fused = out is not None
-    if fused:
-        assert sync is not None and sync.dtype == torch.int64 and sync.numel() >= b and num_splits <= FUSED_MAX_SPLITS
     _stage1_ws[(num_splits, b)](
         ql, qr, c_desc, r_desc, lse if mask_t is None else mask_t, lse if len_t is None else len_t, o_part, lse,
         ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
@@ -570,8 +488,6 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         lse.stride(0), lse.stride(1),
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
         *(qd if qd is not None else (c_desc, c_desc)),
-        out if fused else o_part, *((out.stride(0), out.stride(1), out.stride(2)) if fused else (0, 0, 0)),
-        sync if fused else lse,
         NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
-        TIMING=timing is not None, Q_TMA=qd is not None, FUSED=fused, num_warps=4, **kw,
+        TIMING=timing is not None, Q_TMA=qd is not None, num_warps=4, **kw,
     )
