@@ -311,6 +311,77 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         D.free(dev)
 
 
+def floor_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
+    """How fast the bytes of a batch-16 × 8K call can be read at all: a Triton kernel that only reads the
+    ``[B·S, 576]`` bfloat16 cache (a float32 checksum per program), its rows cut into ``P`` equal contiguous ranges
+    (128: the attention's 16 rows × 8 splits; 132: one per SM; 264, 528: two and four programs per SM), beside
+    `torch.sum` of the cache, a ``copy_`` of it (cache-sized, not the 2 GiB of the copy ceiling) and the
+    library's attention call, interleaved, as graphs over distinct caches like `ws`."""
+    import triton
+    import triton.language as tl
+
+    from transmla_surgery.kernels import mla_decode as md
+
+    if md._interpreting():  # the smoke run on a CPU
+        md._patch_interpreter_for_numpy2()
+
+    @triton.jit
+    def read_rows(X, Out, rows_per_prog, n_rows, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+        pid = tl.program_id(0)
+        r0 = pid * rows_per_prog
+        r1 = tl.minimum(r0 + rows_per_prog, n_rows)
+        offs_r = tl.arange(0, BLOCK)
+        offs_c = tl.arange(0, 64)
+        acc = tl.zeros([BLOCK, 64], tl.float32)
+        for r in tl.range(r0, r1, BLOCK, num_stages=STAGES):
+            rows = r + offs_r
+            ok = (rows < r1)[:, None]
+            base = X + rows.to(tl.int64)[:, None] * 576 + offs_c[None, :]
+            for c in tl.static_range(9):
+                acc += tl.load(base + c * 64, mask=ok, other=0.0).to(tl.float32)
+        tl.store(Out + pid, tl.sum(acc))
+
+    heads, r, dr = 32, 512, 64
+    b, s = (2, 256) if smoke else (16, 8192)
+    dtype = torch.bfloat16
+    cache_bytes = b * s * (r + dr) * 2
+    nbytes = cache_bytes + b * heads * (r + dr) * 2 + b * heads * r * 2
+    copies = max(1, min(8, -(-(256 << 20) // nbytes)))
+    kv = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(copies)]
+    q_lat = [torch.randn(b, 1, heads, r, device=dev, dtype=dtype) for _ in range(copies)]
+    q_rope = [torch.randn(b, 1, heads, dr, device=dev, dtype=dtype) for _ in range(copies)]
+    dst = torch.empty_like(kv[0])
+    sums = torch.empty(1024, device=dev, dtype=torch.float32)
+    n_rows = b * s
+    # the checksum of the read kernel against torch's (so the reads are real)
+    read_rows[(128,)](kv[0], sums, n_rows // 128, n_rows, BLOCK=32, STAGES=4, num_warps=4)
+    check = float(sums[:128].double().sum()) / float(kv[0].double().sum())
+    ROWS.append(dict(kind="floor_check", what="read kernel checksum / torch sum", ratio=check, ok=abs(check - 1) < 1e-3))
+    log(f"floor: read kernel checksum / torch sum = {check:.6f}")
+    variants = {}
+    for progs in (128, 132, 264, 528):
+        for block, stages in ((32, 4), (64, 3)):
+            per = -(-n_rows // progs)
+            variants[f"read P={progs} block={block} stages={stages}"] = (
+                lambda per=per, progs=progs, block=block, stages=stages:
+                [read_rows[(progs,)](kv[i], sums, per, n_rows, BLOCK=block, STAGES=stages, num_warps=4)
+                 for i in range(copies)])
+    variants["torch.sum (float32)"] = lambda: [kv[i].sum(dtype=torch.float32) for i in range(copies)]
+    variants["copy_ of the cache (read + write)"] = lambda: [dst.copy_(kv[i]) for i in range(copies)]
+    variants["attention, library"] = lambda: [md.decode_attention_triton(q_lat[i], q_rope[i], kv[i][..., :r],
+                                                                         kv[i][..., r:], 0.07) for i in range(copies)]
+    for rep in range(2):
+        for what, fn in variants.items():
+            ms = D.time_graph(fn, dev, reps=30, inner=copies)
+            moved = 2 * cache_bytes if what.startswith("copy_") else (nbytes if what.startswith("attention") else cache_bytes)
+            ROWS.append(dict(kind="floor", what=what, rep=rep, batch=b, context=s, us=ms * 1e3, bytes=moved,
+                             TBps=moved / (ms * 1e-3) / 1e12, fraction_of_copy=moved / (ms * 1e-3) / copy_bw))
+            log(f"floor B={b} S={s} {what:36s} {ms * 1e3:7.1f} us {moved / (ms * 1e-3) / 1e12:5.2f} TB/s "
+                f"({moved / (ms * 1e-3) / copy_bw:5.1%} of the copy ceiling)")
+    del kv, q_lat, q_rope, dst
+    D.free(dev)
+
+
 def _stage1_inputs(dev: torch.device, b: int, s: int, layers: int):
     """Queries, ``layers`` distinct caches (a model's layers) and the partial buffers of one split-schedule call
     of the warp-specialised stage 1: ``(q_lat, q_rope, caches, splits, split_len, o_part, lse)``."""
@@ -547,6 +618,11 @@ def table() -> str:
             lines.append(f"{lab:27s} " + " ".join(f"{c:>15s}" for c in cells))
         checks = [r for r in ROWS if r["kind"] == "ws_check"]
         lines.append(f"ws checks: {sum(r['ok'] for r in checks)} of {len(checks)} passed")
+    floors = [r for r in ROWS if r["kind"] == "floor"]
+    for what in dict.fromkeys(r["what"] for r in floors):
+        r = min((x for x in floors if x["what"] == what), key=lambda x: x["us"])
+        lines.append(f"floor B{r['batch']}x{r['context']} {what:36s} {r['us']:7.1f} us {r['TBps']:5.2f} TB/s "
+                     f"({r['fraction_of_copy']:4.0%})")
     for name in ("llama3-8b", "llama2-7b"):
         rows = [r for r in ROWS if r["kind"] == "e2e" and r["model"] == name]
         base = next((r for r in rows if r["side"] == "original"), None)
@@ -578,6 +654,7 @@ def main() -> None:
          "ws": lambda: ws_section(dev, copy_bw, args.smoke),
          "wsfixed": lambda: wsfixed_section(dev, copy_bw, args.smoke),
          "wstiming": lambda: wstiming_section(dev, copy_bw, args.smoke),
+         "floor": lambda: floor_section(dev, copy_bw, args.smoke),
 
          "e2e": lambda: e2e_section(dev, copy_bw, args.smoke)}[section]()
         (out / "decode_select.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
