@@ -457,16 +457,14 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
 
     heads, r = 32, 512
     layers = 8
-    for b, s, q_tma, conly in ((16, 8192, True, False), (16, 8192, True, True), (64, 8192, True, False),
-                               (64, 8192, True, True)):
+    for b, s, q_tma in ((16, 8192, False), (16, 8192, True), (64, 8192, True)):
         q_lat, q_rope, kvs, splits, split_len, o_part, lse = _stage1_inputs(dev, b, s, layers)
         stamps = torch.zeros(layers, b * splits, 136, device=dev, dtype=torch.int64)
 
         def run():
             for i, kv in enumerate(kvs):
                 md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads,
-                                     split_len, splits, 0.1, nbuf=20, pdl=True, timing=stamps[i], q_tma=q_tma,
-                                     compute_only=conly)
+                                     split_len, splits, 0.1, nbuf=20, pdl=True, timing=stamps[i], q_tma=q_tma)
 
         ms = D.time_graph(run, dev, reps=10, inner=layers)
         st = stamps.double().cpu()
@@ -496,9 +494,9 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                                         end=round(float(ep[k]), 3))
                                    for k in range(st.shape[1])]
             info.append(row)
-        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, queries_by_tma=q_tma, compute_only=conly,
+        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, queries_by_tma=q_tma,
                          us_per_call=ms * 1e3, layers=info))
-        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits} compute only={conly}: {ms * 1e3:.1f} us per call")
+        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits} queries by TMA={q_tma}: {ms * 1e3:.1f} us per call")
         for row in info[2:3]:
             log("  " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                 if not isinstance(v, list)))

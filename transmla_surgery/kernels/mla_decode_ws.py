@@ -118,7 +118,7 @@ if gluon is not None:
 
     @gluon.jit
     def _loader(c_desc, r_desc, ring, ready, empty, row0, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
-                NBUF: gl.constexpr, Q_TMA: gl.constexpr, COMPUTE_ONLY: gl.constexpr):
+                NBUF: gl.constexpr, Q_TMA: gl.constexpr):
         """The loader warp: with ``Q_TMA`` first the queries (9 chunks ``[32 rows, 64]`` into ``q_smem``, one
         barrier), then every chunk of the split's tiles, in order, into the ring (each waits for its slot to be
         handed back)."""
@@ -138,15 +138,12 @@ if gluon is not None:
                 slot = k % NBUF
                 # a fresh barrier counts as having completed the phase before phase 0: the first round passes
                 mbarrier.wait(empty.index(slot), ((k // NBUF) & 1) ^ 1)
-                if COMPUTE_ONLY:  # diagnostic: no copy, the slot is ready at once (the consumer's own pace)
-                    mbarrier.arrive(ready.index(slot), count=1)
+                mbarrier.expect(ready.index(slot), nbytes)
+                if p == 0:
+                    tma.async_copy_global_to_shared(r_desc, [tok, 0], ready.index(slot), ring.index(slot))
                 else:
-                    mbarrier.expect(ready.index(slot), nbytes)
-                    if p == 0:
-                        tma.async_copy_global_to_shared(r_desc, [tok, 0], ready.index(slot), ring.index(slot))
-                    else:
-                        tma.async_copy_global_to_shared(c_desc, [tok, (p - 1) * CHUNK], ready.index(slot),
-                                                        ring.index(slot))
+                    tma.async_copy_global_to_shared(c_desc, [tok, (p - 1) * CHUNK], ready.index(slot),
+                                                    ring.index(slot))
 
     @gluon.jit
     def _issue_scores(ring, ready, q_smem, i, NBUF: gl.constexpr, mma: gl.constexpr):
@@ -354,7 +351,7 @@ if gluon is not None:
         S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False, COMPUTE_ONLY: gl.constexpr = False,
+        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
@@ -434,7 +431,7 @@ if gluon is not None:
                          sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, NBUF, MASK_MODE,
                          ONE_TOKEN, TIMING, Q_TMA)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
-                       NBUF, Q_TMA, COMPUTE_ONLY)),
+                       NBUF, Q_TMA)),
         ], [1], [24])
 
 
@@ -469,8 +466,7 @@ def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True,
-                  compute_only: bool = False) -> None:
+                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
@@ -493,5 +489,5 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
         *(qd if qd is not None else (c_desc, c_desc)),
         NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
-        TIMING=timing is not None, Q_TMA=qd is not None, COMPUTE_ONLY=compute_only, num_warps=4, **kw,
+        TIMING=timing is not None, Q_TMA=qd is not None, num_warps=4, **kw,
     )
