@@ -53,7 +53,6 @@ try:
 except Exception:  # pragma: no cover - triton absent or without Gluon
     gluon = None
 
-OVERLAP_DEFAULT = False  # exploration switch: the previous tile's output products behind this tile's scores
 DEFAULT_NBUF = 20  # ring slots of 8 KiB (with the 36 KiB of queries and the P tiles: within 227 KiB)
 TILE_TOKENS = 64  # tokens per tile: the M of one warpgroup MMA
 ROW_BLOCK = 32  # query rows per program (padded)
@@ -254,7 +253,7 @@ if gluon is not None:
     def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
                   start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
                   q_bar, NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
-                  Q_TMA: gl.constexpr, OVERLAP: gl.constexpr):
+                  Q_TMA: gl.constexpr):
         """The multiplying warpgroup (the default partition): waits for the queries (``Q_TMA``: the loader's
         copies) or stores them (their loads were issued before the loader started), then runs the split's tiles
         and writes the normalised partial output ``O_part`` (``o_base`` + row · ``stride_om`` + channel) and the
@@ -289,66 +288,7 @@ if gluon is not None:
         o6 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
         o7 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
         t_first = gl.to_tensor(0).to(gl.int64)
-        if OVERLAP:
-            alpha_p = gl.full([ROWS], 1.0, gl.float32, layout=row_l)
-            if n_tiles > 0:  # the first tile: scores and softmax (its output products go out with tile 1's scores)
-                mv = 0
-                if MASK_MODE != 0:
-                    mv = _load_mask(Mask, m_base, stride_mt, stride_ms, 0, start, end, t_row, tok0, MASK_MODE,
-                                    ONE_TOKEN)
-                if TIMING:
-                    gl.store(Timing + 8, _now())
-                s = _issue_scores(ring, ready, q_smem, 0, NBUF, mma)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-                mbarrier.arrive(empty.index(0), count=1)  # the rope chunk is no longer read
-                if TIMING:
-                    t_first = _now()
-                    gl.store(Timing + 9, t_first)
-                m_i, l_i, alpha_p = _softmax_to_smem(s, mv, 0, p_buf.index(0), start, end, row_limit, row_ok,
-                                                     tok0, m_i, l_i, sm_scale_log2, MASK_MODE, ONE_TOKEN)
-                if start + BLOCK_N > end:  # the only tile, partial
-                    _zero_tail(ring, 0, end - start, NBUF)
-                if TIMING:
-                    gl.store(Timing + 10, _now())
-                    gl.store(Timing + 11, _now())
-            for i in range(1, n_tiles):
-                mv = 0
-                if MASK_MODE != 0:
-                    mv = _load_mask(Mask, m_base, stride_mt, stride_ms, i, start, end, t_row, tok0, MASK_MODE,
-                                    ONE_TOKEN)
-                if TIMING:  # per tile (the first 32): issue, scores done, softmax done, previous outputs done
-                    if i < 32:
-                        gl.store(Timing + 8 + 4 * i, _now())
-                s = _issue_scores(ring, ready, q_smem, i, NBUF, mma)
-                # the previous tile's output products, queued behind this tile's scores: the tensor cores run them
-                # while the warpgroup computes this tile's softmax (into the other P buffer)
-                o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf.index((i - 1) % 2), i - 1, alpha_p,
-                                                               o0, o1, o2, o3, o4, o5, o6, o7, NBUF)
-                s = warpgroup_mma_wait(num_outstanding=8, deps=(s,))
-                mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
-                if TIMING:
-                    if i < 32:
-                        gl.store(Timing + 9 + 4 * i, _now())
-                m_i, l_i, alpha_p = _softmax_to_smem(s, mv, i, p_buf.index(i % 2), start, end, row_limit, row_ok,
-                                                     tok0, m_i, l_i, sm_scale_log2, MASK_MODE, ONE_TOKEN)
-                if start + (i + 1) * BLOCK_N > end:  # the last tile, partial
-                    _zero_tail(ring, i, end - start - i * BLOCK_N, NBUF)
-                if TIMING:
-                    if i < 32:
-                        gl.store(Timing + 10 + 4 * i, _now())
-                o0, o1, o2, o3, o4, o5, o6, o7 = warpgroup_mma_wait(
-                    num_outstanding=0, deps=(o0, o1, o2, o3, o4, o5, o6, o7))
-                for p in gl.static_range(1, 9):
-                    mbarrier.arrive(empty.index(((i - 1) * 9 + p) % NBUF), count=1)
-                if TIMING:
-                    if i < 32:
-                        gl.store(Timing + 11 + 4 * i, _now())
-            if n_tiles > 0:  # the last tile's output products
-                last = n_tiles - 1
-                o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf.index(last % 2), last, alpha_p,
-                                                               o0, o1, o2, o3, o4, o5, o6, o7, NBUF)
-                o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, last, o0, o1, o2, o3, o4, o5, o6, o7, NBUF)
-        for i in range(0 if OVERLAP else n_tiles):
+        for i in range(n_tiles):
             mv = 0
             if MASK_MODE != 0:
                 mv = _load_mask(Mask, m_base, stride_mt, stride_ms, i, start, end, t_row, tok0, MASK_MODE, ONE_TOKEN)
@@ -363,15 +303,15 @@ if gluon is not None:
                     t_first = _now()
                 if i < 32:
                     gl.store(Timing + 9 + 4 * i, _now())
-            m_i, l_i, alpha = _softmax_to_smem(s, mv, i, p_buf.index(0), start, end, row_limit, row_ok, tok0, m_i,
-                                               l_i, sm_scale_log2, MASK_MODE, ONE_TOKEN)
+            m_i, l_i, alpha = _softmax_to_smem(s, mv, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
+                                               sm_scale_log2, MASK_MODE, ONE_TOKEN)
             if start + (i + 1) * BLOCK_N > end:  # the last tile, partial
                 _zero_tail(ring, i, end - start - i * BLOCK_N, NBUF)
             if TIMING:
                 if i < 32:
                     gl.store(Timing + 10 + 4 * i, _now())
-            o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf.index(0), i, alpha, o0, o1, o2, o3, o4, o5,
-                                                           o6, o7, NBUF)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7,
+                                                           NBUF)
             o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF)
             if TIMING:
                 if i < 32:
@@ -411,7 +351,7 @@ if gluon is not None:
         S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False, OVERLAP: gl.constexpr = False,
+        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
@@ -468,7 +408,7 @@ if gluon is not None:
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, CHUNK], dtype)
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROWS], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [9, ROWS, CHUNK], q_sl)
-        p_buf = gl.allocate_shared_memory(dtype, [2 if OVERLAP else 1, BLOCK_N, ROWS], p_sl)
+        p_buf = gl.allocate_shared_memory(dtype, [BLOCK_N, ROWS], p_sl)
         # ready[NBUF]: the queries' barrier with Q_TMA. It sits in the ring's array, which stays allocated to the
         # end: an initialised mbarrier whose memory the compiler hands to something else (a separate allocation,
         # unused after the queries, was) is undefined behaviour, and measured as the last bit of head 0 changing
@@ -489,7 +429,7 @@ if gluon is not None:
             (_consumer, (q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse,
                          Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
                          sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, NBUF, MASK_MODE,
-                         ONE_TOKEN, TIMING, Q_TMA, OVERLAP)),
+                         ONE_TOKEN, TIMING, Q_TMA)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
                        NBUF, Q_TMA)),
         ], [1], [24])
@@ -526,8 +466,7 @@ def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True,
-                  overlap: bool | None = None) -> None:
+                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
@@ -550,6 +489,5 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
         *(qd if qd is not None else (c_desc, c_desc)),
         NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
-        TIMING=timing is not None, Q_TMA=qd is not None, OVERLAP=OVERLAP_DEFAULT if overlap is None else overlap,
-        num_warps=4, **kw,
+        TIMING=timing is not None, Q_TMA=qd is not None, num_warps=4, **kw,
     )
