@@ -53,7 +53,6 @@ try:
 except Exception:  # pragma: no cover - triton absent or without Gluon
     gluon = None
 
-SCORE_ACCS_DEFAULT = 1  # exploration switch: the scores' chunks spread over this many accumulators
 DEFAULT_NBUF = 20  # ring slots of 8 KiB (with the 36 KiB of queries and the P tiles: within 227 KiB)
 TILE_TOKENS = 64  # tokens per tile: the M of one warpgroup MMA
 ROW_BLOCK = 32  # query rows per program (padded)
@@ -147,51 +146,16 @@ if gluon is not None:
                                                     ring.index(slot))
 
     @gluon.jit
-    def _issue_scores(ring, ready, q_smem, i, NBUF: gl.constexpr, mma: gl.constexpr, SCORE_ACCS: gl.constexpr):
+    def _issue_scores(ring, ready, q_smem, i, NBUF: gl.constexpr, mma: gl.constexpr):
         """Issue tile ``i``'s scores ``Sᵀ = Σ_p K_p · Q_pᵀ`` (rope chunk, then the 8 latent chunks), each chunk's
         product as soon as its copy has landed; asynchronous: 9 MMA groups the caller waits for. (Waiting for
         all 9 first measured 0-2% slower on an H200, decode_select.run20.)"""
         base = i * 9
-        if SCORE_ACCS == 1:
-            s = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
-            for p in gl.static_range(9):
-                slot = (base + p) % NBUF
-                mbarrier.wait(ready.index(slot), ((base + p) // NBUF) & 1)
-                s = warpgroup_mma(ring.index(slot), q_smem.index(p).permute((1, 0)), s, use_acc=p > 0,
-                                  is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        elif SCORE_ACCS == 2:  # exploration: chunks alternate between two accumulators
-            sa = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
-            sb = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
-            for p in gl.static_range(9):
-                slot = (base + p) % NBUF
-                mbarrier.wait(ready.index(slot), ((base + p) // NBUF) & 1)
-                if p % 2 == 0:
-                    sa = warpgroup_mma(ring.index(slot), q_smem.index(p).permute((1, 0)), sa, use_acc=p > 0,
-                                       is_async=True)
-                else:
-                    sb = warpgroup_mma(ring.index(slot), q_smem.index(p).permute((1, 0)), sb, use_acc=p > 1,
-                                       is_async=True)
-            sa, sb = warpgroup_mma_wait(num_outstanding=0, deps=(sa, sb))
-            s = sa + sb
-        else:
-            sa = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
-            sb = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
-            sc = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
-            for p in gl.static_range(9):
-                slot = (base + p) % NBUF
-                mbarrier.wait(ready.index(slot), ((base + p) // NBUF) & 1)
-                if p % 3 == 0:
-                    sa = warpgroup_mma(ring.index(slot), q_smem.index(p).permute((1, 0)), sa, use_acc=p > 0,
-                                       is_async=True)
-                elif p % 3 == 1:
-                    sb = warpgroup_mma(ring.index(slot), q_smem.index(p).permute((1, 0)), sb, use_acc=p > 1,
-                                       is_async=True)
-                else:
-                    sc = warpgroup_mma(ring.index(slot), q_smem.index(p).permute((1, 0)), sc, use_acc=p > 2,
-                                       is_async=True)
-            sa, sb, sc = warpgroup_mma_wait(num_outstanding=0, deps=(sa, sb, sc))
-            s = sa + sb + sc
+        s = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
+        for p in gl.static_range(9):
+            slot = (base + p) % NBUF
+            mbarrier.wait(ready.index(slot), ((base + p) // NBUF) & 1)
+            s = warpgroup_mma(ring.index(slot), q_smem.index(p).permute((1, 0)), s, use_acc=p > 0, is_async=True)
         return s
 
     @gluon.jit
@@ -289,7 +253,7 @@ if gluon is not None:
     def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
                   start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
                   q_bar, NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
-                  Q_TMA: gl.constexpr, SCORE_ACCS: gl.constexpr):
+                  Q_TMA: gl.constexpr):
         """The multiplying warpgroup (the default partition): waits for the queries (``Q_TMA``: the loader's
         copies) or stores them (their loads were issued before the loader started), then runs the split's tiles
         and writes the normalised partial output ``O_part`` (``o_base`` + row · ``stride_om`` + channel) and the
@@ -331,7 +295,8 @@ if gluon is not None:
             if TIMING:  # per tile (the first 32): issue, scores done, softmax done, output done
                 if i < 32:
                     gl.store(Timing + 8 + 4 * i, _now())
-            s = _issue_scores(ring, ready, q_smem, i, NBUF, mma, SCORE_ACCS)
+            s = _issue_scores(ring, ready, q_smem, i, NBUF, mma)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
             if TIMING:
                 if i == 0:
@@ -386,7 +351,7 @@ if gluon is not None:
         S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False, SCORE_ACCS: gl.constexpr = 1,
+        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
@@ -464,7 +429,7 @@ if gluon is not None:
             (_consumer, (q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse,
                          Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
                          sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, NBUF, MASK_MODE,
-                         ONE_TOKEN, TIMING, Q_TMA, SCORE_ACCS)),
+                         ONE_TOKEN, TIMING, Q_TMA)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
                        NBUF, Q_TMA)),
         ], [1], [24])
@@ -501,8 +466,7 @@ def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True,
-                  score_accs: int | None = None) -> None:
+                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
@@ -525,6 +489,5 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
         *(qd if qd is not None else (c_desc, c_desc)),
         NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
-        TIMING=timing is not None, Q_TMA=qd is not None,
-        SCORE_ACCS=SCORE_ACCS_DEFAULT if score_accs is None else score_accs, num_warps=4, **kw,
+        TIMING=timing is not None, Q_TMA=qd is not None, num_warps=4, **kw,
     )
