@@ -18,7 +18,8 @@
    stage 1; where a batch-16 call's fixed
    cost goes (contexts from one tile to 32K, stage 1 alone and whole, one call per graph and eight over eight
    caches); per-program global-timer stamps (queries, first tile, loop, epilogue, and per tile: scores,
-   softmax, outputs).
+   softmax, outputs). ``floor``: what reading a batch-16 × 8K cache costs with nothing else (a read-only Triton
+   kernel at 128 to 528 programs, ``torch.sum``, ``copy_``) beside the attention call.
 4. ``e2e``: Llama-3-8B and Llama-2-7B shapes at 8K, original against converted (`decode.time_decode`, the same
    harness as decode.py): the library as it is, without the RoPE-and-write launch, without the fused input
    projections, without both (run 7's code), each step's time recorded.
@@ -29,7 +30,9 @@ schedule); run 8, ``decode_select.run7.json`` … ``.run9.json`` (the RoPE-and-w
 projections, 32-token tiles; a merge applying ``W_UV``, commit ab881b9, slower; per-step times),
 ``.run10.json`` … ``.run12.json`` (``length``: before, with two changes that did not help, after the padding
 classification and the split schedule for calls with a length); runs 9-10, ``.run13.json`` … ``.run20.json``
-(the warp-specialised stage 1's design steps, decode.md).
+(the warp-specialised stage 1's design steps, decode.md); runs 11-12, ``.run21`` … ``.run37`` (queries by TMA,
+bitwise repeatability; the floors, the merge inside stage 1, overlapped output products, score accumulators:
+the commits named in decode.md have the switches since removed).
 Prints a short table last. ``--smoke`` runs tiny shapes on any device.
 """
 
