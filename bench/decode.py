@@ -316,7 +316,7 @@ def check_kernel(dev: torch.device) -> None:
 
         for cfg in (KernelConfig(block_n=64, num_warps=4), KernelConfig(block_n=64, num_warps=8, num_stages=3),
                     KernelConfig(block_n=64, num_warps=4, num_stages=3), md.DEFAULT_CONFIG, md.LARGE_WORK_CONFIG,
-                    replace(md.DEFAULT_CONFIG, ring_slots=22)):
+                    replace(md.DEFAULT_CONFIG, ring_slots=9)):
             try:
                 out = decode_attention_triton(q_lat, q_rope, buf[..., :512], buf[..., 512:], 0.07, mask, kv_len, config=cfg)
                 err = rel(out, ref)
@@ -519,9 +519,10 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
         # the kernel (`decode_select.run*.json`). The sweep: the two configurations the library chooses between,
         # the large-call one on the split schedule, the default without PDL and with 8 warps.
         # Run 9 added the warp-specialised Gluon stage 1 (`mla_decode_ws`, `KernelConfig.ring_slots`), used by
-        # both library configurations where it applies; the sweep times it with 22 slots and the Triton stage 1
-        # as both configurations run it elsewhere (run 8's library).
-        sweep = [replace(md.DEFAULT_CONFIG, ring_slots=22), replace(md.DEFAULT_CONFIG, ring_slots=0),
+        # both library configurations where it applies, and the Triton stage 1 as both configurations run it
+        # elsewhere (run 8's library). Run 13: its ring in 9 sub-rings (18 slots, `mla_decode_ws`); the sweep
+        # times a one-tile ring (9 slots) beside it.
+        sweep = [replace(md.DEFAULT_CONFIG, ring_slots=9), replace(md.DEFAULT_CONFIG, ring_slots=0),
                  replace(md.LARGE_WORK_CONFIG, ring_slots=0), replace(md.DEFAULT_CONFIG, ring_slots=0, pdl=False)]
     for s in contexts:
         for b in batches:

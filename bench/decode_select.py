@@ -410,7 +410,7 @@ def wsfixed_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     from transmla_surgery.kernels import mla_decode as md
 
     heads, r, dr = 32, 512, 64
-    cfg_ws = replace(md.DEFAULT_CONFIG, ring_slots=20)
+    cfg_ws = replace(md.DEFAULT_CONFIG, ring_slots=18)
     cfg_triton = replace(md.DEFAULT_CONFIG, ring_slots=0)
     x = torch.zeros(16, device=dev)
     ms = D.time_graph(lambda: x.add_(1), dev, reps=50)
@@ -427,7 +427,7 @@ def wsfixed_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
 
         def stage1(kv):
             md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads, split_len,
-                                 splits, 0.1, nbuf=20, pdl=True)
+                                 splits, 0.1, nbuf=18, pdl=True)
 
         timings = {
             "ws whole, 1 per graph": D.time_graph(lambda: whole(kvs[0], cfg_ws), dev, reps=50),
@@ -467,7 +467,7 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         def run():
             for i, kv in enumerate(kvs):
                 md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads,
-                                     split_len, splits, 0.1, nbuf=20, pdl=True, timing=stamps[i], q_tma=q_tma)
+                                     split_len, splits, 0.1, nbuf=18, pdl=True, timing=stamps[i], q_tma=q_tma)
 
         ms = D.time_graph(run, dev, reps=10, inner=layers)
         st = stamps.double().cpu()

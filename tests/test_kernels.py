@@ -679,6 +679,18 @@ def test_streamed_schedule_falls_back_to_splits_when_rows_outnumber_slots(monkey
     assert not launches[0][2]["TABLE"] and len(launches[0][1]) == 3
 
 
+def test_kernel_config_refuses_a_ring_of_part_tiles():
+    """The warp-specialised stage 1 keeps each of a tile's 9 chunk positions in its own sub-ring: a ring of 9 or
+    18 slots. Any other count is refused when the configuration is made, naming what is allowed."""
+    from transmla_surgery.kernels import mla_decode_ws as ws
+
+    assert KernelConfig(ring_slots=18).ring_slots == ws.DEFAULT_NBUF == 18
+    assert KernelConfig(ring_slots=9).ring_slots == 9
+    for bad in (20, 22, 27, 1):
+        with pytest.raises(ValueError, match=r"ring_slots must be 0 .* \(9, 18\).* not %d" % bad):
+            KernelConfig(ring_slots=bad)
+
+
 def _emulated_ws_stage1(calls):
     """A PyTorch stand-in for `mla_decode_ws.launch_stage1` (the Gluon kernel needs a Hopper GPU), written from
     its contract: per batch row and split ``[j·split_len, (j+1)·split_len)`` within the row's length, each query
@@ -743,9 +755,9 @@ def test_warp_specialised_stage1_gets_the_splits_mask_and_length(case, monkeypat
         bias[:, :, ::5] = torch.finfo(torch.float32).min
         mask = bias
     out = decode_attention_triton(q_lat, q_rope, lat, kr, 0.1, mask, kv_len, num_splits=4,
-                                  config=KernelConfig(block_n=16, block_h=16, num_stages=1, ring_slots=20))
+                                  config=KernelConfig(block_n=16, block_h=16, num_stages=1, ring_slots=18))
     # 4 splits of 300 tokens asked: 75 rounded up to the Gluon kernel's 64-token tiles is 128, so 3 splits
-    assert len(calls) == 1 and calls[0]["nbuf"] == 20
+    assert len(calls) == 1 and calls[0]["nbuf"] == 18
     assert (calls[0]["split_len"], calls[0]["num_splits"]) == (128, 3)
     assert calls[0]["mask_mode"] == (0 if mask is None else 1 if mask.dtype == torch.bool else 2)
     assert (calls[0]["mask"] is None) == (mask is None) and (calls[0]["kv_len"] is None) == (kv_len is None)

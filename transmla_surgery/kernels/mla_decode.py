@@ -122,16 +122,22 @@ class KernelConfig:
     streamed: bool = False
     # Warp-specialised Gluon stage 1 (`mla_decode_ws`: a TMA loader warp and a warpgroup-MMA warpgroup; Hopper,
     # the bare call): with ``ring_slots`` > 0 it runs with that many 8 KiB ring slots where it applies (the split
-    # schedule; ``block_n``/``num_warps``/``num_stages`` do not apply to it), the Triton stage 1 elsewhere.
+    # schedule; ``block_n``/``num_warps``/``num_stages`` do not apply to it), the Triton stage 1 elsewhere. Whole
+    # tiles of 9 chunks: 9 or 18 (`mla_decode_ws.RING_SLOTS_ALLOWED`).
     ring_slots: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ring_slots and self.ring_slots not in _ws.RING_SLOTS_ALLOWED:
+            raise ValueError(f"KernelConfig.ring_slots must be 0 (the Triton stage 1) or one of "
+                             f"{_ws.RING_SLOTS_ALLOWED} (whole tiles of 9 chunks), not {self.ring_slots}")
 
 
 # Where the warp-specialised Gluon stage 1 applies (a Hopper GPU; 16-bit, 512 + 64, at most 32 query rows; any
-# mask, any length), both configurations below run it, with 20 ring slots of 8 KiB: on an H200 it streams the
-# cache at 91-106% of the copy bandwidth where the Triton stage 1 reaches 82-97% (batch 64 × 8K 150-157 against
-# 175-177 µs, 191 × 8320 454 against 471-523, 16 × 8K 49-51 against 53; decode.md, runs 9-10). 22 slots measured
-# the same within 1%. Elsewhere the Triton stage 1 runs as configured below.
-WS_RING_SLOTS = 20
+# mask, any length), both configurations below run it, with 18 ring slots of 8 KiB (two tiles): on an H200 it
+# streams the cache at 91-108% of the copy bandwidth where the Triton stage 1 reaches 82-97% (batch 64 × 8K
+# 149 against 174 µs, 191 × 8320 429 against 516, 16 × 8K 47 against 53; decode.md, run 13). Elsewhere the
+# Triton stage 1 runs as configured below.
+WS_RING_SLOTS = _ws.DEFAULT_NBUF
 # Default launch parameters of the Triton stage 1, from `bench/decode.py` on an H200 (bench/results/decode.md, runs 3 and 4): 64-token
 # tiles, 4 warps, 3 stages. The third stage (184 KiB of shared memory as compiled for sm_90,
 # `tests/test_kernel_compile.py`) keeps two tiles in flight while one is multiplied; with two stages the next

@@ -12,9 +12,15 @@ are done. On an H200 its tile loop streams at about 88% of the copy bandwidth wi
 (bench/results/decode.md). Here each block (one per SM, on the split schedule) has
 
 * a **loader** (one warp, 24 registers): tensor-memory-accelerator (TMA) copies of ``[64 tokens, 64 channels]``
-  chunks of the cache (8 KiB each: the rope key, then the 8 latent chunks of a tile) into a ring of ``NBUF``
-  slots, each slot with a "ready" barrier (the copy's bytes arrived) and an "empty" barrier (its reader is
-  done). It runs ahead of the multiplying warps by up to the whole ring and costs them no instructions.
+  chunks of the cache (8 KiB each: the rope key, then the 8 latent chunks of a tile) into ``NBUF`` ring slots,
+  ``NBUF / 9`` tiles deep: each of a tile's 9 chunk positions has its own sub-ring and its own array of "ready"
+  barriers (the copy's bytes arrived), and a tile's rope chunk, latent chunks 1-4 and 5-8 each one "empty"
+  barrier (their reader is done). Triton's shared-memory barrier pass puts a CTA-wide ``bar.sync`` between two
+  waits on one barrier array, and the multiplying warpgroup releases slots through one thread after a
+  ``bar.sync``: with one array for the whole ring that was 18 ``bar.sync`` per tile, and with 9 arrays and 3
+  releases a tile the call is 3-7% faster on an H200 (20 slots in one ring against these 18, each beside the
+  Triton stage 1 on its machine; decode.md, run 13). The
+  loader runs ahead of the multiplying warps by up to the whole ring and costs them no instructions.
 * one **consumer** warpgroup: token-major warpgroup MMA, scores ``Sᵀ [64 tokens, rows] = K · Qᵀ`` (the MMA's M
   is the tile's 64 tokens; a decode step has only ``rows <= 32``), an online softmax over the tile's tokens
   whose sums stay per thread until the last tile, output ``Oᵀ [512, rows] += Vᵀ · Pᵀ`` as eight ``[64, rows]``
@@ -53,7 +59,8 @@ try:
 except Exception:  # pragma: no cover - triton absent or without Gluon
     gluon = None
 
-DEFAULT_NBUF = 20  # ring slots of 8 KiB (with the 36 KiB of queries and the P tiles: within 227 KiB)
+DEFAULT_NBUF = 18  # ring slots of 8 KiB, 2 tiles deep (27 with the 36 KiB of queries and the P tile: past 227 KiB)
+RING_SLOTS_ALLOWED = (9, 18)  # whole tiles: 9 sub-rings of 1 or 2 slots
 TILE_TOKENS = 64  # tokens per tile: the M of one warpgroup MMA
 ROW_BLOCK = 32  # query rows per program (padded)
 
@@ -131,31 +138,32 @@ if gluon is not None:
             for c in gl.static_range(8):
                 tma.async_copy_global_to_shared(ql_desc, [b, 0, c * CHUNK], q_bar,
                                                 q_smem.index(c + 1)._reinterpret(q_smem.dtype, [1, ROWS, CHUNK], q3))
+        D: gl.constexpr = NBUF // 9
         for i in range(n_tiles):
             tok = row0 + start + i * BLOCK_N
+            d = i % D
             for p in gl.static_range(9):
-                k = i * 9 + p
-                slot = k % NBUF
                 # a fresh barrier counts as having completed the phase before phase 0: the first round passes
-                mbarrier.wait(empty.index(slot), ((k // NBUF) & 1) ^ 1)
-                mbarrier.expect(ready.index(slot), nbytes)
+                mbarrier.wait(empty[0 if p == 0 else (1 if p < 5 else 2)].index(d), ((i // D) & 1) ^ 1)
+                mbarrier.expect(ready[p].index(d), nbytes)
                 if p == 0:
-                    tma.async_copy_global_to_shared(r_desc, [tok, 0], ready.index(slot), ring.index(slot))
+                    tma.async_copy_global_to_shared(r_desc, [tok, 0], ready[p].index(d), ring.index(p * D + d))
                 else:
-                    tma.async_copy_global_to_shared(c_desc, [tok, (p - 1) * CHUNK], ready.index(slot),
-                                                    ring.index(slot))
+                    tma.async_copy_global_to_shared(c_desc, [tok, (p - 1) * CHUNK], ready[p].index(d),
+                                                    ring.index(p * D + d))
 
     @gluon.jit
     def _issue_scores(ring, ready, q_smem, i, NBUF: gl.constexpr, mma: gl.constexpr):
         """Issue tile ``i``'s scores ``Sᵀ = Σ_p K_p · Q_pᵀ`` (rope chunk, then the 8 latent chunks), each chunk's
         product as soon as its copy has landed; asynchronous: 9 MMA groups the caller waits for. (Waiting for
         all 9 first measured 0-2% slower on an H200, decode_select.run20.)"""
-        base = i * 9
+        D: gl.constexpr = NBUF // 9
+        d = i % D
         s = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
         for p in gl.static_range(9):
-            slot = (base + p) % NBUF
-            mbarrier.wait(ready.index(slot), ((base + p) // NBUF) & 1)
-            s = warpgroup_mma(ring.index(slot), q_smem.index(p).permute((1, 0)), s, use_acc=p > 0, is_async=True)
+            mbarrier.wait(ready[p].index(d), (i // D) & 1)
+            s = warpgroup_mma(ring.index(p * D + d), q_smem.index(p).permute((1, 0)), s, use_acc=p > 0,
+                              is_async=True)
         return s
 
     @gluon.jit
@@ -211,29 +219,29 @@ if gluon is not None:
     @gluon.jit
     def _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7, NBUF: gl.constexpr):
         """Issue ``Oᵀ_c = α·Oᵀ_c + V_cᵀ · Pᵀ`` for the 8 latent chunks of tile ``i`` (asynchronous: 8 groups)."""
-        base = i * 9
+        D: gl.constexpr = NBUF // 9
+        d = i % D
         a = alpha[None, :]
-        o0 = warpgroup_mma(ring.index((base + 1) % NBUF).permute((1, 0)), p_buf, o0 * a, is_async=True)
-        o1 = warpgroup_mma(ring.index((base + 2) % NBUF).permute((1, 0)), p_buf, o1 * a, is_async=True)
-        o2 = warpgroup_mma(ring.index((base + 3) % NBUF).permute((1, 0)), p_buf, o2 * a, is_async=True)
-        o3 = warpgroup_mma(ring.index((base + 4) % NBUF).permute((1, 0)), p_buf, o3 * a, is_async=True)
-        o4 = warpgroup_mma(ring.index((base + 5) % NBUF).permute((1, 0)), p_buf, o4 * a, is_async=True)
-        o5 = warpgroup_mma(ring.index((base + 6) % NBUF).permute((1, 0)), p_buf, o5 * a, is_async=True)
-        o6 = warpgroup_mma(ring.index((base + 7) % NBUF).permute((1, 0)), p_buf, o6 * a, is_async=True)
-        o7 = warpgroup_mma(ring.index((base + 8) % NBUF).permute((1, 0)), p_buf, o7 * a, is_async=True)
+        o0 = warpgroup_mma(ring.index(1 * D + d).permute((1, 0)), p_buf, o0 * a, is_async=True)
+        o1 = warpgroup_mma(ring.index(2 * D + d).permute((1, 0)), p_buf, o1 * a, is_async=True)
+        o2 = warpgroup_mma(ring.index(3 * D + d).permute((1, 0)), p_buf, o2 * a, is_async=True)
+        o3 = warpgroup_mma(ring.index(4 * D + d).permute((1, 0)), p_buf, o3 * a, is_async=True)
+        o4 = warpgroup_mma(ring.index(5 * D + d).permute((1, 0)), p_buf, o4 * a, is_async=True)
+        o5 = warpgroup_mma(ring.index(6 * D + d).permute((1, 0)), p_buf, o5 * a, is_async=True)
+        o6 = warpgroup_mma(ring.index(7 * D + d).permute((1, 0)), p_buf, o6 * a, is_async=True)
+        o7 = warpgroup_mma(ring.index(8 * D + d).permute((1, 0)), p_buf, o7 * a, is_async=True)
         return o0, o1, o2, o3, o4, o5, o6, o7
 
     @gluon.jit
     def _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF: gl.constexpr):
         """Wait for tile ``i``'s output products and hand its latent chunks back to the loader, the first four as
         soon as their products are done."""
-        base = i * 9
+        D: gl.constexpr = NBUF // 9
+        d = i % D
         o0, o1, o2, o3 = warpgroup_mma_wait(num_outstanding=4, deps=(o0, o1, o2, o3))
-        for p in gl.static_range(1, 5):
-            mbarrier.arrive(empty.index((base + p) % NBUF), count=1)
+        mbarrier.arrive(empty[1].index(d), count=1)  # latent chunks 1-4
         o4, o5, o6, o7 = warpgroup_mma_wait(num_outstanding=0, deps=(o4, o5, o6, o7))
-        for p in gl.static_range(5, 9):
-            mbarrier.arrive(empty.index((base + p) % NBUF), count=1)
+        mbarrier.arrive(empty[2].index(d), count=1)  # latent chunks 5-8
         return o0, o1, o2, o3, o4, o5, o6, o7
 
     @gluon.jit
@@ -243,8 +251,9 @@ if gluon is not None:
         product. Runs once per program at most (its last tile, when partial)."""
         zl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
         keep = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, zl)) < n_valid)[:, None]
+        D: gl.constexpr = NBUF // 9
         for p in gl.static_range(1, 9):
-            buf = ring.index((i * 9 + p) % NBUF)
+            buf = ring.index(p * D + i % D)
             x = buf.load(zl)
             buf.store(gl.where(keep, x, gl.zeros_like(x)))
         fence_async_shared()  # generic-proxy stores, then the output products' async-proxy reads
@@ -297,7 +306,7 @@ if gluon is not None:
                     gl.store(Timing + 8 + 4 * i, _now())
             s = _issue_scores(ring, ready, q_smem, i, NBUF, mma)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            mbarrier.arrive(empty.index((i * 9) % NBUF), count=1)  # the rope chunk is no longer read
+            mbarrier.arrive(empty[0].index(i % (NBUF // 9)), count=1)  # the rope chunk is no longer read
             if TIMING:
                 if i == 0:
                     t_first = _now()
@@ -404,7 +413,8 @@ if gluon is not None:
         start = pid_s * split_len
         end = gl.minimum(start + split_len, kv_len)
         n_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
-        ring = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, CHUNK], c_desc.layout)
+        D: gl.constexpr = NBUF // 9
+        ring = gl.allocate_shared_memory(dtype, [9 * D, BLOCK_N, CHUNK], c_desc.layout)
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, CHUNK], dtype)
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROWS], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [9, ROWS, CHUNK], q_sl)
@@ -413,12 +423,20 @@ if gluon is not None:
         # end: an initialised mbarrier whose memory the compiler hands to something else (a separate allocation,
         # unused after the queries, was) is undefined behaviour, and measured as the last bit of head 0 changing
         # from call to call on an H200 (decode_select.run26-28)
-        ready = gl.allocate_shared_memory(gl.int64, [NBUF + 1, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-        for k in gl.static_range(NBUF):
-            mbarrier.init(ready.index(k), count=1)
-            mbarrier.init(empty.index(k), count=1)
-        q_bar = ready.index(NBUF)
+        bl: gl.constexpr = mbarrier.MBarrierLayout()
+        ready = (gl.allocate_shared_memory(gl.int64, [D + 1, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
+                 gl.allocate_shared_memory(gl.int64, [D, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
+                 gl.allocate_shared_memory(gl.int64, [D, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
+                 gl.allocate_shared_memory(gl.int64, [D, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
+                 gl.allocate_shared_memory(gl.int64, [D, 1], bl))
+        empty = (gl.allocate_shared_memory(gl.int64, [D, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
+                 gl.allocate_shared_memory(gl.int64, [D, 1], bl))
+        for k in gl.static_range(D):
+            for p in gl.static_range(9):
+                mbarrier.init(ready[p].index(k), count=1)
+            for g in gl.static_range(3):
+                mbarrier.init(empty[g].index(k), count=1)
+        q_bar = ready[0].index(D)
         if Q_TMA:
             mbarrier.init(q_bar, count=1)
         fence_async_shared()
@@ -475,6 +493,9 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
     by TMA where `q_descriptors` can describe them (else, and with ``False``, by loads). ``timing`` (a
     diagnostic, int64 ``[B · num_splits, 136]``): per-program timestamps, see `_stage1_ws`."""
     assert lse.stride(-1) == 1
+    if nbuf not in RING_SLOTS_ALLOWED:
+        raise ValueError(f"the warp-specialised stage 1 takes {' or '.join(map(str, RING_SLOTS_ALLOWED))} ring "
+                         f"slots (whole tiles of 9 chunks within a block's shared memory), not {nbuf}")
     b, s = latent.shape[0], latent.shape[1]
     c_desc, r_desc = descriptors(latent, k_rope)
     qd = q_descriptors(ql, qr) if q_tma and t == 1 else None
