@@ -19,8 +19,8 @@ are done. On an H200 its tile loop streams at about 88% of the copy bandwidth wi
   waits on one barrier array, and the multiplying warpgroup releases slots through one thread after a
   ``bar.sync``: with one array for the whole ring that was 18 ``bar.sync`` per tile, and with 9 arrays and 3
   releases a tile the call is 3-7% faster on an H200 (20 slots in one ring against these 18, each beside the
-  Triton stage 1 on its machine; decode.md, run 13). The
-  loader runs ahead of the multiplying warps by up to the whole ring and costs them no instructions.
+  Triton stage 1 on its machine; decode.md, run 13). The loader runs ahead of the multiplying warps by up to
+  the whole ring and costs them no instructions.
 * one **consumer** warpgroup: token-major warpgroup MMA, scores ``Sᵀ [64 tokens, rows] = K · Qᵀ`` (the MMA's M
   is the tile's 64 tokens; a decode step has only ``rows <= 32``), an online softmax over the tile's tokens
   whose sums stay per thread until the last tile, output ``Oᵀ [512, rows] += Vᵀ · Pᵀ`` as eight ``[64, rows]``
@@ -144,6 +144,7 @@ if gluon is not None:
             d = i % D
             for p in gl.static_range(9):
                 # a fresh barrier counts as having completed the phase before phase 0: the first round passes
+                # released in three groups: the rope chunk, latent chunks 1-4, latent chunks 5-8
                 mbarrier.wait(empty[0 if p == 0 else (1 if p < 5 else 2)].index(d), ((i // D) & 1) ^ 1)
                 mbarrier.expect(ready[p].index(d), nbytes)
                 if p == 0:
@@ -419,10 +420,12 @@ if gluon is not None:
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROWS], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [9, ROWS, CHUNK], q_sl)
         p_buf = gl.allocate_shared_memory(dtype, [BLOCK_N, ROWS], p_sl)
-        # ready[NBUF]: the queries' barrier with Q_TMA. It sits in the ring's array, which stays allocated to the
-        # end: an initialised mbarrier whose memory the compiler hands to something else (a separate allocation,
-        # unused after the queries, was) is undefined behaviour, and measured as the last bit of head 0 changing
-        # from call to call on an H200 (decode_select.run26-28)
+        # Barriers: ready[p] (one array per chunk position p, D deep) and empty[g] (the rope chunk, latent chunks 1-4,
+        # 5-8): one array per position so that consecutive waits touch different allocations and Triton's barrier
+        # pass adds no bar.sync between them (module docstring). ready[0][D]: the queries' barrier with Q_TMA. It
+        # sits in an array that stays allocated to the end: an initialised mbarrier whose memory the compiler hands
+        # to something else (a separate allocation, unused after the queries, was) is undefined behaviour, and
+        # measured as the last bit of head 0 changing from call to call on an H200 (decode_select.run26-28)
         bl: gl.constexpr = mbarrier.MBarrierLayout()
         ready = (gl.allocate_shared_memory(gl.int64, [D + 1, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
                  gl.allocate_shared_memory(gl.int64, [D, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
