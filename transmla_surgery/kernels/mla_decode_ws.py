@@ -32,8 +32,8 @@ before the loader starts (behind its first copies they waited 4-7 µs). Tokens p
 length are masked out of the softmax, and a partial last tile's latent rows past them are zeroed in shared memory
 (the cache may hold anything there, NaN included, and 0 · NaN is NaN in the output product); copies past the end
 of the whole cache are zero-filled by the TMA unit. Two consumers taking alternate tiles, and issuing the next
-tile's scores early, were slower: the ring holds 2.2 tiles, and holding two leaves nothing in flight (decode.md,
-runs 9-10).
+tile's scores early, were slower: the ring then held 2.2 tiles (now 2), and holding two leaves nothing in flight
+(decode.md, runs 9-10; run 12 again for the next tile's outputs behind this tile's scores).
 
 Gluon has no CPU interpreter: `tests/test_kernel_compile.py` compiles this kernel for sm_90a on the CPU, and its
 numerics are checked against the PyTorch reference on a Hopper GPU by `bench/decode.py`.
@@ -125,10 +125,10 @@ if gluon is not None:
 
     @gluon.jit
     def _loader(c_desc, r_desc, ring, ready, empty, row0, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
-                NBUF: gl.constexpr, Q_TMA: gl.constexpr):
+                D: gl.constexpr, Q_TMA: gl.constexpr):
         """The loader warp: with ``Q_TMA`` first the queries (9 chunks ``[32 rows, 64]`` into ``q_smem``, one
-        barrier), then every chunk of the split's tiles, in order, into the ring (each waits for its slot to be
-        handed back)."""
+        barrier), then every chunk of the split's tiles, in order, into the ring, ``D`` tiles deep (each waits for
+        its slot to be handed back)."""
         nbytes: gl.constexpr = BLOCK_N * CHUNK * 2
         if Q_TMA:
             q3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
@@ -138,13 +138,12 @@ if gluon is not None:
             for c in gl.static_range(8):
                 tma.async_copy_global_to_shared(ql_desc, [b, 0, c * CHUNK], q_bar,
                                                 q_smem.index(c + 1)._reinterpret(q_smem.dtype, [1, ROWS, CHUNK], q3))
-        D: gl.constexpr = NBUF // 9
         for i in range(n_tiles):
             tok = row0 + start + i * BLOCK_N
             d = i % D
             for p in gl.static_range(9):
-                # a fresh barrier counts as having completed the phase before phase 0: the first round passes
-                # released in three groups: the rope chunk, latent chunks 1-4, latent chunks 5-8
+                # slots come back in three groups (the rope chunk, latent chunks 1-4, 5-8); a fresh barrier counts
+                # as having completed the phase before phase 0, so the first round passes
                 mbarrier.wait(empty[0 if p == 0 else (1 if p < 5 else 2)].index(d), ((i // D) & 1) ^ 1)
                 mbarrier.expect(ready[p].index(d), nbytes)
                 if p == 0:
@@ -154,11 +153,10 @@ if gluon is not None:
                                                     ring.index(p * D + d))
 
     @gluon.jit
-    def _issue_scores(ring, ready, q_smem, i, NBUF: gl.constexpr, mma: gl.constexpr):
+    def _issue_scores(ring, ready, q_smem, i, D: gl.constexpr, mma: gl.constexpr):
         """Issue tile ``i``'s scores ``Sᵀ = Σ_p K_p · Q_pᵀ`` (rope chunk, then the 8 latent chunks), each chunk's
         product as soon as its copy has landed; asynchronous: 9 MMA groups the caller waits for. (Waiting for
         all 9 first measured 0-2% slower on an H200, decode_select.run20.)"""
-        D: gl.constexpr = NBUF // 9
         d = i % D
         s = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
         for p in gl.static_range(9):
@@ -218,9 +216,8 @@ if gluon is not None:
         return m_new, l_new, alpha
 
     @gluon.jit
-    def _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7, NBUF: gl.constexpr):
+    def _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7, D: gl.constexpr):
         """Issue ``Oᵀ_c = α·Oᵀ_c + V_cᵀ · Pᵀ`` for the 8 latent chunks of tile ``i`` (asynchronous: 8 groups)."""
-        D: gl.constexpr = NBUF // 9
         d = i % D
         a = alpha[None, :]
         o0 = warpgroup_mma(ring.index(1 * D + d).permute((1, 0)), p_buf, o0 * a, is_async=True)
@@ -234,10 +231,9 @@ if gluon is not None:
         return o0, o1, o2, o3, o4, o5, o6, o7
 
     @gluon.jit
-    def _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF: gl.constexpr):
+    def _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, D: gl.constexpr):
         """Wait for tile ``i``'s output products and hand its latent chunks back to the loader, the first four as
         soon as their products are done."""
-        D: gl.constexpr = NBUF // 9
         d = i % D
         o0, o1, o2, o3 = warpgroup_mma_wait(num_outstanding=4, deps=(o0, o1, o2, o3))
         mbarrier.arrive(empty[1].index(d), count=1)  # latent chunks 1-4
@@ -246,13 +242,12 @@ if gluon is not None:
         return o0, o1, o2, o3, o4, o5, o6, o7
 
     @gluon.jit
-    def _zero_tail(ring, i, n_valid, NBUF: gl.constexpr):
+    def _zero_tail(ring, i, n_valid, D: gl.constexpr):
         """Zero the rows ``n_valid..63`` of tile ``i``'s 8 latent chunks: tokens past the row's length (or the
         split's end) may hold anything, NaN included, and a probability of 0 times NaN is NaN in the output
         product. Runs once per program at most (its last tile, when partial)."""
         zl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
         keep = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, zl)) < n_valid)[:, None]
-        D: gl.constexpr = NBUF // 9
         for p in gl.static_range(1, 9):
             buf = ring.index(p * D + i % D)
             x = buf.load(zl)
@@ -262,7 +257,7 @@ if gluon is not None:
     @gluon.jit
     def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
                   start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
-                  q_bar, NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
+                  q_bar, D: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
                   Q_TMA: gl.constexpr):
         """The multiplying warpgroup (the default partition): waits for the queries (``Q_TMA``: the loader's
         copies) or stores them (their loads were issued before the loader started), then runs the split's tiles
@@ -305,9 +300,9 @@ if gluon is not None:
             if TIMING:  # per tile (the first 32): issue, scores done, softmax done, output done
                 if i < 32:
                     gl.store(Timing + 8 + 4 * i, _now())
-            s = _issue_scores(ring, ready, q_smem, i, NBUF, mma)
+            s = _issue_scores(ring, ready, q_smem, i, D, mma)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            mbarrier.arrive(empty[0].index(i % (NBUF // 9)), count=1)  # the rope chunk is no longer read
+            mbarrier.arrive(empty[0].index(i % D), count=1)  # the rope chunk is no longer read
             if TIMING:
                 if i == 0:
                     t_first = _now()
@@ -316,13 +311,12 @@ if gluon is not None:
             m_i, l_i, alpha = _softmax_to_smem(s, mv, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
                                                sm_scale_log2, MASK_MODE, ONE_TOKEN)
             if start + (i + 1) * BLOCK_N > end:  # the last tile, partial
-                _zero_tail(ring, i, end - start - i * BLOCK_N, NBUF)
+                _zero_tail(ring, i, end - start - i * BLOCK_N, D)
             if TIMING:
                 if i < 32:
                     gl.store(Timing + 10 + 4 * i, _now())
-            o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7,
-                                                           NBUF)
-            o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, NBUF)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7, D)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, D)
             if TIMING:
                 if i < 32:
                     gl.store(Timing + 11 + 4 * i, _now())
@@ -414,7 +408,7 @@ if gluon is not None:
         start = pid_s * split_len
         end = gl.minimum(start + split_len, kv_len)
         n_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
-        D: gl.constexpr = NBUF // 9
+        D: gl.constexpr = NBUF // 9  # tiles in the ring: the helpers take this depth
         ring = gl.allocate_shared_memory(dtype, [9 * D, BLOCK_N, CHUNK], c_desc.layout)
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, CHUNK], dtype)
         p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROWS], dtype)
@@ -449,10 +443,10 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse,
                          Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
-                         sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, NBUF, MASK_MODE,
+                         sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, D, MASK_MODE,
                          ONE_TOKEN, TIMING, Q_TMA)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
-                       NBUF, Q_TMA)),
+                       D, Q_TMA)),
         ], [1], [24])
 
 
