@@ -118,6 +118,12 @@ def free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def mla_call_bytes(batch: int, context: int, heads: int = 32, r: int = 512, dr: int = 64, elem: int = 2) -> int:
+    """Bytes one decode-attention call over the latent cache moves (16-bit): the cache ``[B, S, r + dr]`` and the
+    queries ``[B, H, r + dr]`` read, the output ``[B, H, r]`` written. The figure its bandwidth share is taken of."""
+    return (batch * context * (r + dr) + batch * heads * (r + dr) + batch * heads * r) * elem
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm())
@@ -526,7 +532,7 @@ def attention_alone(dev: torch.device, copy_bw: float, smoke: bool, adopt_best: 
                  replace(md.LARGE_WORK_CONFIG, ring_slots=0), replace(md.DEFAULT_CONFIG, ring_slots=0, pdl=False)]
     for s in contexts:
         for b in batches:
-            mla_bytes = b * s * (r + dr) * 2 + b * heads * (r + dr) * 2 + b * heads * r * 2
+            mla_bytes = mla_call_bytes(b, s, heads, r, dr)
             n = copies(mla_bytes)
             q_lat = [torch.randn(b, 1, heads, r, device=dev, dtype=dtype) for _ in range(n)]
             q_rope = [torch.randn(b, 1, heads, dr, device=dev, dtype=dtype) for _ in range(n)]

@@ -168,7 +168,7 @@ def attention_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     scale = 192**-0.5
     dtype = torch.bfloat16
     for b, s in shapes:
-        nbytes = b * s * (r + dr) * 2 + b * heads * (r + dr) * 2 + b * heads * r * 2
+        nbytes = D.mla_call_bytes(b, s, heads, r, dr)
         q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=dtype)
         q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=dtype)
         kv = torch.randn(b, s, r + dr, device=dev, dtype=dtype)
@@ -293,7 +293,7 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     variants = [("Triton stage 1", replace(md.DEFAULT_CONFIG, ring_slots=0)), ("library", md.DEFAULT_CONFIG)]
     dtype = torch.bfloat16
     for b, s in shapes:
-        nbytes = b * s * (r + dr) * 2 + b * heads * (r + dr) * 2 + b * heads * r * 2
+        nbytes = D.mla_call_bytes(b, s, heads, r, dr)
         copies = max(1, min(8, -(-(256 << 20) // nbytes)))
         q_lat = [torch.randn(b, 1, heads, r, device=dev, dtype=dtype) for _ in range(copies)]
         q_rope = [torch.randn(b, 1, heads, dr, device=dev, dtype=dtype) for _ in range(copies)]
@@ -348,7 +348,7 @@ def floor_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     b, s = (2, 256) if smoke else (16, 8192)
     dtype = torch.bfloat16
     cache_bytes = b * s * (r + dr) * 2
-    nbytes = cache_bytes + b * heads * (r + dr) * 2 + b * heads * r * 2
+    nbytes = D.mla_call_bytes(b, s, heads, r, dr)
     copies = max(1, min(8, -(-(256 << 20) // nbytes)))
     kv = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(copies)]
     q_lat = [torch.randn(b, 1, heads, r, device=dev, dtype=dtype) for _ in range(copies)]
