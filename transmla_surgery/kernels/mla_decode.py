@@ -125,17 +125,11 @@ class KernelConfig:
     # schedule; ``block_n``/``num_warps``/``num_stages`` do not apply to it), the Triton stage 1 elsewhere. Whole
     # tiles of 9 chunks: 9 or 18 (`mla_decode_ws.RING_SLOTS_ALLOWED`).
     ring_slots: int = 0
-    # Multiplying warpgroups of the warp-specialised stage 1: 1 (all 32 query rows) or 2 (16 rows each, on the
-    # same tiles, so that one's softmax overlaps the other's products).
-    consumers: int = 1
 
     def __post_init__(self) -> None:
         if self.ring_slots and self.ring_slots not in _ws.RING_SLOTS_ALLOWED:
             raise ValueError(f"KernelConfig.ring_slots must be 0 (the Triton stage 1) or one of "
                              f"{_ws.RING_SLOTS_ALLOWED} (whole tiles of 9 chunks), not {self.ring_slots}")
-        if self.consumers not in _ws.CONSUMERS_ALLOWED:
-            raise ValueError(f"KernelConfig.consumers must be one of {_ws.CONSUMERS_ALLOWED} (multiplying "
-                             f"warpgroups of the warp-specialised stage 1), not {self.consumers}")
 
 
 # Where the warp-specialised Gluon stage 1 applies (a Hopper GPU; 16-bit, 512 + 64, at most 32 query rows; any
@@ -585,8 +579,7 @@ def decode_attention_triton(
     if use_ws:  # mask and length in the same launch: it reads one mask row per tile, not one per head
         _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, scale * LOG2E,
                           mask_mode=mask_mode, mask_t=mask_t if mask_mode else None, mask_strides=mstr,
-                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl,
-                          consumers=cfg.consumers)
+                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl)
         passes = []
     elif mask_mode == 1 and t == 1:
         # One query token and a bool mask (decode in `generate`): a mask read in every tile costs the

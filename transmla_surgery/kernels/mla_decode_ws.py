@@ -61,7 +61,6 @@ except Exception:  # pragma: no cover - triton absent or without Gluon
 
 DEFAULT_NBUF = 18  # ring slots of 8 KiB, 2 tiles deep (27 with the 36 KiB of queries and the P tile: past 227 KiB)
 RING_SLOTS_ALLOWED = (9, 18)  # whole tiles: 9 sub-rings of 1 or 2 slots
-CONSUMERS_ALLOWED = (1, 2)  # multiplying warpgroups: 32 or 16 query rows each
 TILE_TOKENS = 64  # tokens per tile: the M of one warpgroup MMA
 ROW_BLOCK = 32  # query rows per program (padded)
 
@@ -111,7 +110,6 @@ if gluon is not None:
     BLOCK_N = gl.constexpr(TILE_TOKENS)
     CHUNK = gl.constexpr(64)  # channels per ring slot (128 bytes of a 16-bit dtype: one 128-byte swizzle row)
     ROWS = gl.constexpr(ROW_BLOCK)
-    WS_REGS = gl.constexpr(168)  # registers per thread of the second multiplying warpgroup (two consumers)
 
     @gluon.jit
     def _pdl_enter():
@@ -155,16 +153,16 @@ if gluon is not None:
                                                     ring.index(p * D + d))
 
     @gluon.jit
-    def _issue_scores(ring, ready, q_smem, i, D: gl.constexpr, mma: gl.constexpr, W: gl.constexpr, RW: gl.constexpr):
+    def _issue_scores(ring, ready, q_smem, i, D: gl.constexpr, mma: gl.constexpr):
         """Issue tile ``i``'s scores ``Sᵀ = Σ_p K_p · Q_pᵀ`` (rope chunk, then the 8 latent chunks), each chunk's
         product as soon as its copy has landed; asynchronous: 9 MMA groups the caller waits for. (Waiting for
         all 9 first measured 0-2% slower on an H200, decode_select.run20.)"""
         d = i % D
-        s = gl.zeros([BLOCK_N, RW], gl.float32, layout=mma)
+        s = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)
         for p in gl.static_range(9):
             mbarrier.wait(ready[p].index(d), (i // D) & 1)
-            s = warpgroup_mma(ring.index(p * D + d), q_smem.index(p).slice(W * RW, RW).permute((1, 0)), s,
-                              use_acc=p > 0, is_async=True)
+            s = warpgroup_mma(ring.index(p * D + d), q_smem.index(p).permute((1, 0)), s, use_acc=p > 0,
+                              is_async=True)
         return s
 
     @gluon.jit
@@ -257,81 +255,72 @@ if gluon is not None:
         fence_async_shared()  # generic-proxy stores, then the output products' async-proxy reads
 
     @gluon.jit
-    def _consumer(q_chunks, q_smem, ring, ready, empty, p_bufs, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
+    def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
                   start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
-                  q_bar, tail_bar, D: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr,
-                  TIMING: gl.constexpr, Q_TMA: gl.constexpr, W: gl.constexpr, RW: gl.constexpr,
-                  CONSUMERS: gl.constexpr):
-        """A multiplying warpgroup: query rows ``W·RW .. W·RW + RW - 1`` of the block's 32 (all of them with one
-        consumer, the default partition; with two, each takes 16 of them on the same tiles and hands each chunk
-        back once both are done with it). Waits for the queries (``Q_TMA``: the loader's copies) or stores them
-        (one consumer: their loads were issued before the loader started; two: the block stored them before the
-        partitions began), then runs the split's tiles and writes its rows' normalised partial output ``O_part``
-        (``o_base`` + row · ``stride_om`` + channel) and base-2 log-sum-exp (``lse_base`` + row · ``stride_lsem``)."""
+                  q_bar, D: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
+                  Q_TMA: gl.constexpr):
+        """The multiplying warpgroup (the default partition): waits for the queries (``Q_TMA``: the loader's
+        copies) or stores them (their loads were issued before the loader started), then runs the split's tiles
+        and writes the normalised partial output ``O_part`` (``o_base`` + row · ``stride_om`` + channel) and the
+        base-2 log-sum-exp (``lse_base`` + row · ``stride_lsem``)."""
         if Q_TMA:
             mbarrier.wait(q_bar, 0)
-        elif CONSUMERS == 1:
+        else:
             for c in gl.static_range(9):
                 q_smem.index(c).store(q_chunks[c])
             fence_async_shared()
-        if TIMING and W == 0:
+        if TIMING:
             gl.store(Timing + 2, _now())
 
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, RW, 16])
+                                                      instr_shape=[16, ROWS, 16])
         tok_l: gl.constexpr = gl.SliceLayout(1, mma)
         row_l: gl.constexpr = gl.SliceLayout(0, mma)
-        rows = W * RW + gl.arange(0, RW, layout=row_l)
+        rows = gl.arange(0, ROWS, layout=row_l)
         row_ok = rows < M
         t_row = rows // (M // T)
         row_limit = kv_len - T + t_row + 1  # causal limit (aligned at the end)
         tok0 = gl.arange(0, BLOCK_N, layout=tok_l)
-        p_buf = p_bufs.index(W)
 
-        m_i = gl.full([RW], float("-inf"), gl.float32, layout=row_l)
-        l_i = gl.zeros([BLOCK_N, RW], gl.float32, layout=mma)  # per-thread shares of the sums
-        o0 = gl.zeros([CHUNK, RW], gl.float32, layout=mma)
-        o1 = gl.zeros([CHUNK, RW], gl.float32, layout=mma)
-        o2 = gl.zeros([CHUNK, RW], gl.float32, layout=mma)
-        o3 = gl.zeros([CHUNK, RW], gl.float32, layout=mma)
-        o4 = gl.zeros([CHUNK, RW], gl.float32, layout=mma)
-        o5 = gl.zeros([CHUNK, RW], gl.float32, layout=mma)
-        o6 = gl.zeros([CHUNK, RW], gl.float32, layout=mma)
-        o7 = gl.zeros([CHUNK, RW], gl.float32, layout=mma)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_l)
+        l_i = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=mma)  # per-thread shares of the sums
+        o0 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o1 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o2 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o3 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o4 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o5 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o6 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
+        o7 = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
         t_first = gl.to_tensor(0).to(gl.int64)
         for i in range(n_tiles):
             mv = 0
             if MASK_MODE != 0:
                 mv = _load_mask(Mask, m_base, stride_mt, stride_ms, i, start, end, t_row, tok0, MASK_MODE, ONE_TOKEN)
-            if TIMING and W == 0:  # per tile (the first 32): issue, scores done, softmax done, output done
+            if TIMING:  # per tile (the first 32): issue, scores done, softmax done, output done
                 if i < 32:
                     gl.store(Timing + 8 + 4 * i, _now())
-            s = _issue_scores(ring, ready, q_smem, i, D, mma, W, RW)
+            s = _issue_scores(ring, ready, q_smem, i, D, mma)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             mbarrier.arrive(empty[0].index(i % D), count=1)  # the rope chunk is no longer read
-            if TIMING and W == 0:
+            if TIMING:
                 if i == 0:
                     t_first = _now()
                 if i < 32:
                     gl.store(Timing + 9 + 4 * i, _now())
             m_i, l_i, alpha = _softmax_to_smem(s, mv, i, p_buf, start, end, row_limit, row_ok, tok0, m_i, l_i,
                                                sm_scale_log2, MASK_MODE, ONE_TOKEN)
-            if start + (i + 1) * BLOCK_N > end:  # the last tile, partial: its rows past the end zeroed, once
-                if W == 0:
-                    _zero_tail(ring, i, end - start - i * BLOCK_N, D)
-                    if CONSUMERS > 1:
-                        mbarrier.arrive(tail_bar, count=1)
-                else:  # before this warpgroup's output products read them
-                    mbarrier.wait(tail_bar, 0)
-            if TIMING and W == 0:
+            if start + (i + 1) * BLOCK_N > end:  # the last tile, partial
+                _zero_tail(ring, i, end - start - i * BLOCK_N, D)
+            if TIMING:
                 if i < 32:
                     gl.store(Timing + 10 + 4 * i, _now())
             o0, o1, o2, o3, o4, o5, o6, o7 = _issue_output(ring, p_buf, i, alpha, o0, o1, o2, o3, o4, o5, o6, o7, D)
             o0, o1, o2, o3, o4, o5, o6, o7 = _finish_output(empty, i, o0, o1, o2, o3, o4, o5, o6, o7, D)
-            if TIMING and W == 0:
+            if TIMING:
                 if i < 32:
                     gl.store(Timing + 11 + 4 * i, _now())
-        if TIMING and W == 0:
+        if TIMING:
             gl.store(Timing + 3, t_first)
             gl.store(Timing + 4, _now())
 
@@ -352,7 +341,7 @@ if gluon is not None:
         gl.store(o_ptr + 5 * CHUNK, o5 * inv, mask=ok)
         gl.store(o_ptr + 6 * CHUNK, o6 * inv, mask=ok)
         gl.store(o_ptr + 7 * CHUNK, o7 * inv, mask=ok)
-        if TIMING and W == 0:
+        if TIMING:
             gl.store(Timing + 5, _now())
 
     @gluon.jit
@@ -366,7 +355,7 @@ if gluon is not None:
         S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False, CONSUMERS: gl.constexpr = 1,
+        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
@@ -422,10 +411,9 @@ if gluon is not None:
         D: gl.constexpr = NBUF // 9  # tiles in the ring: the helpers take this depth
         ring = gl.allocate_shared_memory(dtype, [9 * D, BLOCK_N, CHUNK], c_desc.layout)
         q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, CHUNK], dtype)
-        RW: gl.constexpr = ROWS // CONSUMERS  # query rows per multiplying warpgroup
-        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, RW], dtype)
+        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, ROWS], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [9, ROWS, CHUNK], q_sl)
-        p_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_N, RW], p_sl)
+        p_buf = gl.allocate_shared_memory(dtype, [BLOCK_N, ROWS], p_sl)
         # Barriers: ready[p] (one array per chunk position p, D deep) and empty[g] (the rope chunk, latent chunks 1-4,
         # 5-8): one array per position so that consecutive waits touch different allocations and Triton's barrier
         # pass adds no bar.sync between them (module docstring). ready[0][D]: the queries' barrier with Q_TMA. It
@@ -433,7 +421,7 @@ if gluon is not None:
         # to something else (a separate allocation, unused after the queries, was) is undefined behaviour, and
         # measured as the last bit of head 0 changing from call to call on an H200 (decode_select.run26-28)
         bl: gl.constexpr = mbarrier.MBarrierLayout()
-        ready = (gl.allocate_shared_memory(gl.int64, [D + 2, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
+        ready = (gl.allocate_shared_memory(gl.int64, [D + 1, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
                  gl.allocate_shared_memory(gl.int64, [D, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
                  gl.allocate_shared_memory(gl.int64, [D, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
                  gl.allocate_shared_memory(gl.int64, [D, 1], bl), gl.allocate_shared_memory(gl.int64, [D, 1], bl),
@@ -444,43 +432,22 @@ if gluon is not None:
             for p in gl.static_range(9):
                 mbarrier.init(ready[p].index(k), count=1)
             for g in gl.static_range(3):
-                mbarrier.init(empty[g].index(k), count=CONSUMERS)  # each multiplying warpgroup releases
+                mbarrier.init(empty[g].index(k), count=1)
         q_bar = ready[0].index(D)
-        tail_bar = ready[0].index(D + 1)  # two consumers: the partial last tile's rows are zeroed
         if Q_TMA:
             mbarrier.init(q_bar, count=1)
-        if CONSUMERS > 1:
-            mbarrier.init(tail_bar, count=1)
-            if not Q_TMA:  # workers take no tensors: the block stores the queries before the partitions start
-                for c in gl.static_range(9):
-                    q_smem.index(c).store(q_chunks[c])
         fence_async_shared()
 
         o_base = b64 * stride_ob + pid_s * stride_os
         lse_base = b64 * stride_lseb + pid_s  # Lse [B, M, splits], splits contiguous
-        load_args = (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b, D,
-                     Q_TMA)
-        if CONSUMERS == 1:
-            gl.warp_specialize([
-                (_consumer, (q_chunks, q_smem, ring, ready, empty, p_bufs, O_part, Lse, Mask, b64 * stride_mb,
-                             stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base,
-                             stride_om, stride_lsem, Timing, q_bar, tail_bar, D, MASK_MODE, ONE_TOKEN, TIMING, Q_TMA,
-                             0, RW, CONSUMERS)),
-                (_loader, load_args),
-            ], [1], [24])
-        else:  # a worker takes no tensors: both consumers read the queries from shared memory
-            q_none = (0, 0, 0, 0, 0, 0, 0, 0, 0)
-            gl.warp_specialize([
-                (_consumer, (q_none, q_smem, ring, ready, empty, p_bufs, O_part, Lse, Mask, b64 * stride_mb,
-                             stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base,
-                             stride_om, stride_lsem, Timing, q_bar, tail_bar, D, MASK_MODE, ONE_TOKEN, TIMING, Q_TMA,
-                             0, RW, CONSUMERS)),
-                (_consumer, (q_none, q_smem, ring, ready, empty, p_bufs, O_part, Lse, Mask, b64 * stride_mb,
-                             stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base,
-                             stride_om, stride_lsem, Timing, q_bar, tail_bar, D, MASK_MODE, ONE_TOKEN, TIMING, Q_TMA,
-                             1, RW, CONSUMERS)),
-                (_loader, load_args),
-            ], [4, 1], [WS_REGS, 24])
+        gl.warp_specialize([
+            (_consumer, (q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse,
+                         Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
+                         sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, D, MASK_MODE,
+                         ONE_TOKEN, TIMING, Q_TMA)),
+            (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
+                       D, Q_TMA)),
+        ], [1], [24])
 
 
 def nvmma_layout(dtype: torch.dtype):
@@ -514,8 +481,7 @@ def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True,
-                  consumers: int = 1) -> None:
+                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
@@ -527,9 +493,6 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
     if nbuf not in RING_SLOTS_ALLOWED:
         raise ValueError(f"the warp-specialised stage 1 takes {' or '.join(map(str, RING_SLOTS_ALLOWED))} ring "
                          f"slots (whole tiles of 9 chunks within a block's shared memory), not {nbuf}")
-    if consumers not in CONSUMERS_ALLOWED:
-        raise ValueError(f"the warp-specialised stage 1 runs {' or '.join(map(str, CONSUMERS_ALLOWED))} multiplying "
-                         f"warpgroups, not {consumers}")
     b, s = latent.shape[0], latent.shape[1]
     c_desc, r_desc = descriptors(latent, k_rope)
     qd = q_descriptors(ql, qr) if q_tma and t == 1 else None
@@ -544,5 +507,5 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
         *(qd if qd is not None else (c_desc, c_desc)),
         NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
-        TIMING=timing is not None, Q_TMA=qd is not None, CONSUMERS=consumers, num_warps=4, **kw,
+        TIMING=timing is not None, Q_TMA=qd is not None, num_warps=4, **kw,
     )
