@@ -61,7 +61,6 @@ except Exception:  # pragma: no cover - triton absent or without Gluon
 
 DEFAULT_NBUF = 18  # ring slots of 8 KiB, 2 tiles deep (27 with the 36 KiB of queries and the P tile: past 227 KiB)
 RING_SLOTS_ALLOWED = (9, 18)  # whole tiles: 9 sub-rings of 1 or 2 slots
-FIRST_TILE_ALONE = True
 TILE_TOKENS = 64  # tokens per tile: the M of one warpgroup MMA
 ROW_BLOCK = 32  # query rows per program (padded)
 
@@ -126,7 +125,7 @@ if gluon is not None:
 
     @gluon.jit
     def _loader(c_desc, r_desc, ring, ready, empty, row0, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
-                D: gl.constexpr, Q_TMA: gl.constexpr, FIRST_TILE_ALONE: gl.constexpr):
+                D: gl.constexpr, Q_TMA: gl.constexpr):
         """The loader warp: with ``Q_TMA`` first the queries (9 chunks ``[32 rows, 64]`` into ``q_smem``, one
         barrier), then every chunk of the split's tiles, in order, into the ring, ``D`` tiles deep (each waits for
         its slot to be handed back)."""
@@ -142,11 +141,6 @@ if gluon is not None:
         for i in range(n_tiles):
             tok = row0 + start + i * BLOCK_N
             d = i % D
-            if FIRST_TILE_ALONE:
-                if i == 1:
-                    # the first tile lands before the rest of the ring is requested: with every block filling its
-                    # whole ring at once, the first tiles of all blocks land together with their second ones
-                    mbarrier.wait(ready[8].index(0), 0)
             for p in gl.static_range(9):
                 # slots come back in three groups (the rope chunk, latent chunks 1-4, 5-8); a fresh barrier counts
                 # as having completed the phase before phase 0, so the first round passes
@@ -361,7 +355,7 @@ if gluon is not None:
         S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False, FIRST_TILE_ALONE: gl.constexpr = True,
+        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
@@ -452,7 +446,7 @@ if gluon is not None:
                          sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, D, MASK_MODE,
                          ONE_TOKEN, TIMING, Q_TMA)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
-                       D, Q_TMA, FIRST_TILE_ALONE)),
+                       D, Q_TMA)),
         ], [1], [24])
 
 
@@ -487,8 +481,7 @@ def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True,
-                  first_tile_alone: bool | None = None) -> None:
+                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
@@ -514,6 +507,5 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
         *(qd if qd is not None else (c_desc, c_desc)),
         NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
-        FIRST_TILE_ALONE=FIRST_TILE_ALONE if first_tile_alone is None else first_tile_alone,
         TIMING=timing is not None, Q_TMA=qd is not None, num_warps=4, **kw,
     )
