@@ -289,40 +289,8 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                              repeat_and_graph_equal=same, ok=ok))
             log(f"ws check {label:13s} B={b:2d} T={t} H={h:2d} S={s:5d} splits={splits} len={lens} mask={mkind}"
                 f" err={err:.2e} same={same} {'OK' if ok else 'FAIL'}")
-    # The cache written by the kernel just before each call (a copy, then the call: the call's loader copies
-    # tiles before it waits for the previous grid), eagerly and in a CUDA graph, alternating two contents
-    for b, s in ((16, 8192), (2, 1300)):
-        q_lat = torch.randn(b, 1, heads, r, device=dev, dtype=torch.bfloat16)
-        q_rope = torch.randn(b, 1, heads, dr, device=dev, dtype=torch.bfloat16)
-        srcs = [torch.randn(b, s, r + dr, device=dev, dtype=torch.bfloat16) for _ in range(2)]
-        kv = torch.empty_like(srcs[0])
-        refs = [decode_attention_reference(q_lat.double(), q_rope.double(), x[..., :r].double(), x[..., r:].double(),
-                                           scale) for x in srcs]
-
-        def step(k):
-            kv.copy_(srcs[k])
-            return md.decode_attention_triton(q_lat, q_rope, kv[..., :r], kv[..., r:], scale)
-
-        errs = [D.rel(step(k % 2), refs[k % 2]) for k in range(4)]
-        graph = torch.cuda.CUDAGraph()
-        outs = []
-        with torch.cuda.graph(graph):
-            for k in range(4):
-                outs.append(step(k % 2))
-        for _ in range(3):
-            graph.replay()
-            torch.cuda.synchronize(dev)
-            errs += [D.rel(o, refs[k % 2]) for k, o in enumerate(outs)]
-        err = max(errs)
-        ok = err < 1e-2
-        ROWS.append(dict(kind="ws_check", variant="cache written just before", used_ws=True, batch=b, tokens=1,
-                         heads=heads, context=s, rel_err=err, ok=ok))
-        log(f"ws check cache written just before B={b} S={s}: max err {err:.2e} over {len(errs)} calls "
-            f"{'OK' if ok else 'FAIL'}")
-        del srcs, kv, graph, outs
     shapes = [(1, 8192), (16, 4096), (16, 8192), (16, 32768), (54, 8320), (64, 8192), (191, 8320), (64, 32768)]
-    variants = [("Triton stage 1", replace(md.DEFAULT_CONFIG, ring_slots=0)), ("library", md.DEFAULT_CONFIG),
-                ("no prefetch", md.DEFAULT_CONFIG), ("prefetch, trig1st", md.DEFAULT_CONFIG)]
+    variants = [("Triton stage 1", replace(md.DEFAULT_CONFIG, ring_slots=0)), ("library", md.DEFAULT_CONFIG)]
     dtype = torch.bfloat16
     for b, s in shapes:
         nbytes = D.mla_call_bytes(b, s, heads, r, dr)
@@ -332,8 +300,6 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         kv = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(copies)]
         for rep in range(2):
             for label, cfg in variants:
-                md._ws.PREFETCH = label != "no prefetch"  # read when the graph is captured
-                md._STAGE2_TRIGGER_FIRST = label == "prefetch, trig1st"
                 try:
                     ms = D.time_graph(lambda: [md.decode_attention_triton(q_lat[i], q_rope[i], kv[i][..., :r], kv[i][..., r:], 0.07, config=cfg)
                                                for i in range(copies)], dev, reps=30, inner=copies)
@@ -344,7 +310,6 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                                  TBps=nbytes / (ms * 1e-3) / 1e12, fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
                 log(f"ws time B={b:4d} S={s:6d} {label:14s} {ms * 1e3:8.1f} us {nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s "
                     f"({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
-        md._ws.PREFETCH, md._STAGE2_TRIGGER_FIRST = True, False
         del q_lat, q_rope, kv
         D.free(dev)
 
@@ -495,15 +460,14 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
 
     heads, r = 32, 512
     layers = 8
-    for b, s, q_tma, prefetch in ((16, 8192, True, False), (16, 8192, True, True), (64, 8192, True, True)):
+    for b, s, q_tma in ((16, 8192, False), (16, 8192, True), (64, 8192, True)):
         q_lat, q_rope, kvs, splits, split_len, o_part, lse = _stage1_inputs(dev, b, s, layers)
         stamps = torch.zeros(layers, b * splits, 136, device=dev, dtype=torch.int64)
 
         def run():
             for i, kv in enumerate(kvs):
                 md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads,
-                                     split_len, splits, 0.1, nbuf=18, pdl=True, timing=stamps[i], q_tma=q_tma,
-                                     prefetch=prefetch)
+                                     split_len, splits, 0.1, nbuf=18, pdl=True, timing=stamps[i], q_tma=q_tma)
 
         ms = D.time_graph(run, dev, reps=10, inner=layers)
         st = stamps.double().cpu()
@@ -533,10 +497,9 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                                         end=round(float(ep[k]), 3))
                                    for k in range(st.shape[1])]
             info.append(row)
-        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, queries_by_tma=q_tma, prefetch=prefetch,
+        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, queries_by_tma=q_tma,
                          us_per_call=ms * 1e3, layers=info))
-        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits} queries by TMA={q_tma} prefetch={prefetch}: "
-            f"{ms * 1e3:.1f} us per call")
+        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits} queries by TMA={q_tma}: {ms * 1e3:.1f} us per call")
         for row in info[2:3]:
             log("  " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                 if not isinstance(v, list)))

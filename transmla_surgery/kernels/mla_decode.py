@@ -91,7 +91,6 @@ if triton is not None:
 from . import mla_decode_ws as _ws  # noqa: E402  (Gluon; `available()` is False without it)
 
 LOG2E = 1.4426950408889634
-_STAGE2_TRIGGER_FIRST = False
 CPU_SLOTS = 132  # block slots per occupancy level assumed off the GPU (the interpreter): an H100/H200's SM count
 _OUT_OF_RESOURCES = getattr(getattr(getattr(triton, "runtime", None), "errors", None), "OutOfResources", RuntimeError)
 
@@ -315,17 +314,14 @@ def _stage2_fn(
     stride_outb, stride_outt, stride_outh,
     NUM_SPLITS, H,
     DL: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
-    PDL: tl.constexpr, COUNTS: tl.constexpr, TRIGGER_FIRST: tl.constexpr = False,
+    PDL: tl.constexpr, COUNTS: tl.constexpr,
 ):
     """One query row: ``out = Σ_j 2^(lse_j - max) · O_j / Σ_j 2^(lse_j - max)`` over its ``NUM_SPLITS`` partials
     (``BLOCK_S``: the split count rounded up to a power of two; ``CHUNK_S = min(BLOCK_S, 16)`` splits per step).
     Splits whose log-sum-exp is ``-inf`` (no key seen) weigh 0; a row with no key at all gets zeros."""
     if PDL:
-        if TRIGGER_FIRST:
-            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()  # stage 1 has completed: its partials and log-sum-exps are visible
-        if not TRIGGER_FIRST:
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()
     m = tl.program_id(0).to(tl.int64)
     t_row = m // H
     b = tl.program_id(1).to(tl.int64)
@@ -629,7 +625,7 @@ def decode_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         num_splits, h,
         DL=r, BLOCK_DL=triton.next_power_of_2(r), BLOCK_S=block_s, CHUNK_S=min(block_s, 16), PDL=pdl,
-        COUNTS=streamed, TRIGGER_FIRST=_STAGE2_TRIGGER_FIRST, num_warps=4, **launch_kw,
+        COUNTS=streamed, num_warps=4, **launch_kw,
     )
     return out
 

@@ -61,9 +61,6 @@ except Exception:  # pragma: no cover - triton absent or without Gluon
 
 DEFAULT_NBUF = 18  # ring slots of 8 KiB, 2 tiles deep (27 with the 36 KiB of queries and the P tile: past 227 KiB)
 RING_SLOTS_ALLOWED = (9, 18)  # whole tiles: 9 sub-rings of 1 or 2 slots
-# With PDL, a call without a length (queries by TMA) copies its first tiles before waiting for the previous grid
-# (`_stage1_ws`); False turns that off (a switch for measurements; `launch_stage1(prefetch=...)` per launch).
-PREFETCH = True
 TILE_TOKENS = 64  # tokens per tile: the M of one warpgroup MMA
 ROW_BLOCK = 32  # query rows per program (padded)
 
@@ -115,13 +112,8 @@ if gluon is not None:
     ROWS = gl.constexpr(ROW_BLOCK)
 
     @gluon.jit
-    def _pdl_wait():
-        """Wait until the previous grid in the stream has completed and its writes are visible (per thread)."""
+    def _pdl_enter():
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _pdl_launch_dependents():
-        """Let the next grid in the stream launch (it waits for this one before reading what this one writes)."""
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
 
@@ -132,38 +124,12 @@ if gluon is not None:
                                          pack=1)
 
     @gluon.jit
-    def _load_tile(c_desc, r_desc, ring, ready, empty, row0, start, i, D: gl.constexpr):
-        """Copy tile ``i``'s 9 chunks (the rope key, then the 8 latent chunks) into its ring slots, each once its
-        slot is handed back."""
+    def _loader(c_desc, r_desc, ring, ready, empty, row0, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
+                D: gl.constexpr, Q_TMA: gl.constexpr):
+        """The loader warp: with ``Q_TMA`` first the queries (9 chunks ``[32 rows, 64]`` into ``q_smem``, one
+        barrier), then every chunk of the split's tiles, in order, into the ring, ``D`` tiles deep (each waits for
+        its slot to be handed back)."""
         nbytes: gl.constexpr = BLOCK_N * CHUNK * 2
-        tok = row0 + start + i * BLOCK_N
-        d = i % D
-        for p in gl.static_range(9):
-            # slots come back in three groups (the rope chunk, latent chunks 1-4, 5-8); a fresh barrier counts
-            # as having completed the phase before phase 0, so the first round passes
-            mbarrier.wait(empty[0 if p == 0 else (1 if p < 5 else 2)].index(d), ((i // D) & 1) ^ 1)
-            mbarrier.expect(ready[p].index(d), nbytes)
-            if p == 0:
-                tma.async_copy_global_to_shared(r_desc, [tok, 0], ready[p].index(d), ring.index(p * D + d))
-            else:
-                tma.async_copy_global_to_shared(c_desc, [tok, (p - 1) * CHUNK], ready[p].index(d),
-                                                ring.index(p * D + d))
-
-    @gluon.jit
-    def _loader(c_desc, r_desc, ring, ready, empty, row0, start, end, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
-                S, T, D: gl.constexpr, Q_TMA: gl.constexpr, PREFETCH: gl.constexpr):
-        """The loader warp: with ``PREFETCH`` first the split's tiles that end before the cache's last ``T``
-        tokens, as many as the ring holds, then it waits for the previous grid; then with ``Q_TMA`` the queries
-        (9 chunks ``[32 rows, 64]`` into ``q_smem``, one barrier), then the split's other tiles, in order, into the
-        ring, ``D`` tiles deep (each waits for its slot to be handed back)."""
-        n_pre = 0
-        if PREFETCH:
-            # Tokens before the last T were written before the previous kernel in the stream was launched (a decode
-            # step appends its T tokens at the end), so they are read while that kernel finishes (`_stage1_ws`).
-            n_pre = gl.minimum(gl.maximum(gl.minimum(end, S - T) - start, 0) // BLOCK_N, D)
-            for i in range(n_pre):
-                _load_tile(c_desc, r_desc, ring, ready, empty, row0, start, i, D)
-            _pdl_wait()
         if Q_TMA:
             q3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
             mbarrier.expect(q_bar, 9 * ROWS * CHUNK * 2)
@@ -172,8 +138,19 @@ if gluon is not None:
             for c in gl.static_range(8):
                 tma.async_copy_global_to_shared(ql_desc, [b, 0, c * CHUNK], q_bar,
                                                 q_smem.index(c + 1)._reinterpret(q_smem.dtype, [1, ROWS, CHUNK], q3))
-        for i in range(n_pre, n_tiles):
-            _load_tile(c_desc, r_desc, ring, ready, empty, row0, start, i, D)
+        for i in range(n_tiles):
+            tok = row0 + start + i * BLOCK_N
+            d = i % D
+            for p in gl.static_range(9):
+                # slots come back in three groups (the rope chunk, latent chunks 1-4, 5-8); a fresh barrier counts
+                # as having completed the phase before phase 0, so the first round passes
+                mbarrier.wait(empty[0 if p == 0 else (1 if p < 5 else 2)].index(d), ((i // D) & 1) ^ 1)
+                mbarrier.expect(ready[p].index(d), nbytes)
+                if p == 0:
+                    tma.async_copy_global_to_shared(r_desc, [tok, 0], ready[p].index(d), ring.index(p * D + d))
+                else:
+                    tma.async_copy_global_to_shared(c_desc, [tok, (p - 1) * CHUNK], ready[p].index(d),
+                                                    ring.index(p * D + d))
 
     @gluon.jit
     def _issue_scores(ring, ready, q_smem, i, D: gl.constexpr, mma: gl.constexpr):
@@ -281,13 +258,11 @@ if gluon is not None:
     def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
                   start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
                   q_bar, D: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
-                  Q_TMA: gl.constexpr, PREFETCH: gl.constexpr):
+                  Q_TMA: gl.constexpr):
         """The multiplying warpgroup (the default partition): waits for the queries (``Q_TMA``: the loader's
         copies) or stores them (their loads were issued before the loader started), then runs the split's tiles
         and writes the normalised partial output ``O_part`` (``o_base`` + row · ``stride_om`` + channel) and the
         base-2 log-sum-exp (``lse_base`` + row · ``stride_lsem``)."""
-        if PREFETCH:  # the block did not wait for the previous grid: its mask rows are read below
-            _pdl_wait()
         if Q_TMA:
             mbarrier.wait(q_bar, 0)
         else:
@@ -380,7 +355,7 @@ if gluon is not None:
         S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False, PREFETCH_OK: gl.constexpr = True,
+        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
@@ -393,15 +368,8 @@ if gluon is not None:
             gl.store(Timing + 0, _now())
             gl.store(Timing + 6, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32,
                                                            is_pure=False, pack=1).to(gl.int64))
-        # With PDL the block lets the next grid launch at once. It waits for the previous grid here, before reading
-        # anything, unless it prefetches: a call without a length whose queries come by TMA reads nothing in this
-        # prologue, and its loader copies the tiles before the cache's last T tokens while the previous grid
-        # finishes (its slowest blocks, or the merge of the attention call before), then waits.
-        PREFETCH: gl.constexpr = PREFETCH_OK and PDL and Q_TMA and not HAS_LEN
         if PDL:
-            _pdl_launch_dependents()
-            if not PREFETCH:
-                _pdl_wait()
+            _pdl_enter()
         if TIMING:
             gl.store(Timing + 1, _now())
         dtype: gl.constexpr = c_desc.dtype
@@ -476,9 +444,9 @@ if gluon is not None:
             (_consumer, (q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse,
                          Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
                          sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, D, MASK_MODE,
-                         ONE_TOKEN, TIMING, Q_TMA, PREFETCH)),
-            (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, end, n_tiles, ql_desc, qr_desc, q_smem, q_bar,
-                       b, S, T, D, Q_TMA, PREFETCH)),
+                         ONE_TOKEN, TIMING, Q_TMA)),
+            (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
+                       D, Q_TMA)),
         ], [1], [24])
 
 
@@ -513,8 +481,7 @@ def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True,
-                  prefetch: bool | None = None) -> None:
+                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
@@ -523,7 +490,6 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
     by TMA where `q_descriptors` can describe them (else, and with ``False``, by loads). ``timing`` (a
     diagnostic, int64 ``[B · num_splits, 136]``): per-program timestamps, see `_stage1_ws`."""
     assert lse.stride(-1) == 1
-    prefetch = PREFETCH if prefetch is None else prefetch
     if nbuf not in RING_SLOTS_ALLOWED:
         raise ValueError(f"the warp-specialised stage 1 takes {' or '.join(map(str, RING_SLOTS_ALLOWED))} ring "
                          f"slots (whole tiles of 9 chunks within a block's shared memory), not {nbuf}")
@@ -540,6 +506,6 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         lse.stride(0), lse.stride(1),
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
         *(qd if qd is not None else (c_desc, c_desc)),
-        NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl, PREFETCH_OK=prefetch,
+        NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
         TIMING=timing is not None, Q_TMA=qd is not None, num_warps=4, **kw,
     )
