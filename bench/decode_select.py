@@ -215,8 +215,7 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     scale = 192**-0.5
     cases = WSVAR_CASES
     torch.manual_seed(0)
-    for label, cfg in (("library", md.DEFAULT_CONFIG), ("bf16 partials", md.DEFAULT_CONFIG)):
-        md._PARTIAL_DTYPE = torch.bfloat16 if label == "bf16 partials" else torch.float32
+    for label, cfg in (("library", md.DEFAULT_CONFIG),):
         for b, t, h, s, dtype, splits, lens, mkind in cases:
             if b == 16:  # head-major queries, as the absorbed path hands them over
                 q_lat = torch.randn(h, b, t, r, device=dev, dtype=dtype).permute(1, 2, 0, 3)
@@ -291,8 +290,7 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             log(f"ws check {label:13s} B={b:2d} T={t} H={h:2d} S={s:5d} splits={splits} len={lens} mask={mkind}"
                 f" err={err:.2e} same={same} {'OK' if ok else 'FAIL'}")
     shapes = [(1, 8192), (16, 4096), (16, 8192), (16, 32768), (54, 8320), (64, 8192), (191, 8320), (64, 32768)]
-    variants = [("Triton stage 1", replace(md.DEFAULT_CONFIG, ring_slots=0)), ("library", md.DEFAULT_CONFIG),
-                ("bf16 partials", md.DEFAULT_CONFIG), ("fp16 partials", md.DEFAULT_CONFIG)]
+    variants = [("Triton stage 1", replace(md.DEFAULT_CONFIG, ring_slots=0)), ("library", md.DEFAULT_CONFIG)]
     dtype = torch.bfloat16
     for b, s in shapes:
         nbytes = D.mla_call_bytes(b, s, heads, r, dr)
@@ -302,7 +300,6 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         kv = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(copies)]
         for rep in range(2):
             for label, cfg in variants:
-                md._PARTIAL_DTYPE = {"bf16 partials": torch.bfloat16, "fp16 partials": torch.float16}.get(label, torch.float32)
                 try:
                     ms = D.time_graph(lambda: [md.decode_attention_triton(q_lat[i], q_rope[i], kv[i][..., :r], kv[i][..., r:], 0.07, config=cfg)
                                                for i in range(copies)], dev, reps=30, inner=copies)
@@ -313,7 +310,6 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                                  TBps=nbytes / (ms * 1e-3) / 1e12, fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
                 log(f"ws time B={b:4d} S={s:6d} {label:14s} {ms * 1e3:8.1f} us {nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s "
                     f"({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
-        md._PARTIAL_DTYPE = torch.float32
         del q_lat, q_rope, kv
         D.free(dev)
 

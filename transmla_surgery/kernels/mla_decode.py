@@ -91,7 +91,6 @@ if triton is not None:
 from . import mla_decode_ws as _ws  # noqa: E402  (Gluon; `available()` is False without it)
 
 LOG2E = 1.4426950408889634
-_PARTIAL_DTYPE = torch.float32
 CPU_SLOTS = 132  # block slots per occupancy level assumed off the GPU (the interpreter): an H100/H200's SM count
 _OUT_OF_RESOURCES = getattr(getattr(getattr(triton, "runtime", None), "errors", None), "OutOfResources", RuntimeError)
 
@@ -549,7 +548,7 @@ def decode_attention_triton(
         split_len = triton.cdiv(triton.cdiv(s, num_splits), cfg.block_n) * cfg.block_n
         num_splits = max(1, triton.cdiv(s, split_len))
 
-    o_part = torch.empty(b, m_rows, num_splits, r, device=ql.device, dtype=_PARTIAL_DTYPE or dtype)
+    o_part = torch.empty(b, m_rows, num_splits, r, device=ql.device, dtype=torch.float32)
     lse = torch.empty(b, m_rows, num_splits, device=ql.device, dtype=torch.float32)
     # the output is written head-major (`[H, B, T, r]` storage, returned as a `[B, T, H, r]` view): the
     # per-head up-projection that follows (`absorbed.expand_output`) then reads it without a copy

@@ -333,14 +333,14 @@ if gluon is not None:
         ch = gl.arange(0, CHUNK, layout=tok_l)
         o_ptr = O_part + o_base + rows[None, :] * stride_om + ch[:, None]
         ok = row_ok[None, :]
-        gl.store(o_ptr + 0 * CHUNK, (o0 * inv).to(O_part.dtype.element_ty), mask=ok)
-        gl.store(o_ptr + 1 * CHUNK, (o1 * inv).to(O_part.dtype.element_ty), mask=ok)
-        gl.store(o_ptr + 2 * CHUNK, (o2 * inv).to(O_part.dtype.element_ty), mask=ok)
-        gl.store(o_ptr + 3 * CHUNK, (o3 * inv).to(O_part.dtype.element_ty), mask=ok)
-        gl.store(o_ptr + 4 * CHUNK, (o4 * inv).to(O_part.dtype.element_ty), mask=ok)
-        gl.store(o_ptr + 5 * CHUNK, (o5 * inv).to(O_part.dtype.element_ty), mask=ok)
-        gl.store(o_ptr + 6 * CHUNK, (o6 * inv).to(O_part.dtype.element_ty), mask=ok)
-        gl.store(o_ptr + 7 * CHUNK, (o7 * inv).to(O_part.dtype.element_ty), mask=ok)
+        gl.store(o_ptr + 0 * CHUNK, o0 * inv, mask=ok)
+        gl.store(o_ptr + 1 * CHUNK, o1 * inv, mask=ok)
+        gl.store(o_ptr + 2 * CHUNK, o2 * inv, mask=ok)
+        gl.store(o_ptr + 3 * CHUNK, o3 * inv, mask=ok)
+        gl.store(o_ptr + 4 * CHUNK, o4 * inv, mask=ok)
+        gl.store(o_ptr + 5 * CHUNK, o5 * inv, mask=ok)
+        gl.store(o_ptr + 6 * CHUNK, o6 * inv, mask=ok)
+        gl.store(o_ptr + 7 * CHUNK, o7 * inv, mask=ok)
         if TIMING:
             gl.store(Timing + 5, _now())
 
