@@ -215,8 +215,7 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     scale = 192**-0.5
     cases = WSVAR_CASES
     torch.manual_seed(0)
-    for label, cfg in (("library", md.DEFAULT_CONFIG), ("L2 ahead 4", md.DEFAULT_CONFIG)):
-        md._ws.L2_AHEAD = 4 if label == "L2 ahead 4" else 0
+    for label, cfg in (("library", md.DEFAULT_CONFIG),):
         for b, t, h, s, dtype, splits, lens, mkind in cases:
             if b == 16:  # head-major queries, as the absorbed path hands them over
                 q_lat = torch.randn(h, b, t, r, device=dev, dtype=dtype).permute(1, 2, 0, 3)
@@ -291,8 +290,7 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             log(f"ws check {label:13s} B={b:2d} T={t} H={h:2d} S={s:5d} splits={splits} len={lens} mask={mkind}"
                 f" err={err:.2e} same={same} {'OK' if ok else 'FAIL'}")
     shapes = [(1, 8192), (16, 4096), (16, 8192), (16, 32768), (54, 8320), (64, 8192), (191, 8320), (64, 32768)]
-    variants = [("Triton stage 1", replace(md.DEFAULT_CONFIG, ring_slots=0)), ("library", md.DEFAULT_CONFIG),
-                ("L2 ahead 3", md.DEFAULT_CONFIG), ("L2 ahead 4", md.DEFAULT_CONFIG), ("L2 ahead 6", md.DEFAULT_CONFIG)]
+    variants = [("Triton stage 1", replace(md.DEFAULT_CONFIG, ring_slots=0)), ("library", md.DEFAULT_CONFIG)]
     dtype = torch.bfloat16
     for b, s in shapes:
         nbytes = D.mla_call_bytes(b, s, heads, r, dr)
@@ -302,7 +300,6 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         kv = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(copies)]
         for rep in range(2):
             for label, cfg in variants:
-                md._ws.L2_AHEAD = int(label.split()[-1]) if label.startswith("L2 ahead") else 0
                 try:
                     ms = D.time_graph(lambda: [md.decode_attention_triton(q_lat[i], q_rope[i], kv[i][..., :r], kv[i][..., r:], 0.07, config=cfg)
                                                for i in range(copies)], dev, reps=30, inner=copies)
@@ -313,7 +310,6 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                                  TBps=nbytes / (ms * 1e-3) / 1e12, fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
                 log(f"ws time B={b:4d} S={s:6d} {label:14s} {ms * 1e3:8.1f} us {nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s "
                     f"({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
-        md._ws.L2_AHEAD = 0
         del q_lat, q_rope, kv
         D.free(dev)
 
@@ -464,15 +460,14 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
 
     heads, r = 32, 512
     layers = 8
-    for b, s, q_tma, ahead in ((16, 8192, True, 0), (16, 8192, True, 4), (64, 8192, True, 4)):
+    for b, s, q_tma in ((16, 8192, False), (16, 8192, True), (64, 8192, True)):
         q_lat, q_rope, kvs, splits, split_len, o_part, lse = _stage1_inputs(dev, b, s, layers)
         stamps = torch.zeros(layers, b * splits, 136, device=dev, dtype=torch.int64)
 
         def run():
             for i, kv in enumerate(kvs):
                 md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads,
-                                     split_len, splits, 0.1, nbuf=18, pdl=True, timing=stamps[i], q_tma=q_tma,
-                                     l2_ahead=ahead)
+                                     split_len, splits, 0.1, nbuf=18, pdl=True, timing=stamps[i], q_tma=q_tma)
 
         ms = D.time_graph(run, dev, reps=10, inner=layers)
         st = stamps.double().cpu()
@@ -502,9 +497,9 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                                         end=round(float(ep[k]), 3))
                                    for k in range(st.shape[1])]
             info.append(row)
-        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, queries_by_tma=q_tma, l2_ahead=ahead,
+        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, queries_by_tma=q_tma,
                          us_per_call=ms * 1e3, layers=info))
-        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits} L2 ahead={ahead}: {ms * 1e3:.1f} us per call")
+        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits} queries by TMA={q_tma}: {ms * 1e3:.1f} us per call")
         for row in info[2:3]:
             log("  " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                 if not isinstance(v, list)))

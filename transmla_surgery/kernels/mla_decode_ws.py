@@ -61,7 +61,6 @@ except Exception:  # pragma: no cover - triton absent or without Gluon
 
 DEFAULT_NBUF = 18  # ring slots of 8 KiB, 2 tiles deep (27 with the 36 KiB of queries and the P tile: past 227 KiB)
 RING_SLOTS_ALLOWED = (9, 18)  # whole tiles: 9 sub-rings of 1 or 2 slots
-L2_AHEAD = 0
 TILE_TOKENS = 64  # tokens per tile: the M of one warpgroup MMA
 ROW_BLOCK = 32  # query rows per program (padded)
 
@@ -125,27 +124,8 @@ if gluon is not None:
                                          pack=1)
 
     @gluon.jit
-    def _l2_prefetch(ptr, nbytes):
-        """Ask the L2 cache to fetch ``nbytes`` (a multiple of 16) from ``ptr`` (16-byte aligned): one bulk
-        prefetch, issued by lane 0 of the calling warp."""
-        gl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .u32 lane; mov.u32 lane, %laneid; setp.eq.u32 p, lane, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr, nbytes], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _prefetch_tile(C, KR, stride_cs, stride_rs, row0, start, end, j, esize: gl.constexpr):
-        """L2 prefetch of tile ``j``'s cache rows (latent and rope key), up to the split's end."""
-        tok = start + j * BLOCK_N
-        n = gl.minimum(end - tok, BLOCK_N)
-        row = (row0 + tok).to(gl.int64)
-        _l2_prefetch(C + row * stride_cs, (n * stride_cs * esize).to(gl.int32))
-        _l2_prefetch(KR + row * stride_rs, (n * stride_rs * esize).to(gl.int32))
-
-    @gluon.jit
     def _loader(c_desc, r_desc, ring, ready, empty, row0, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
-                C, KR, stride_cs, stride_rs, end,
-                D: gl.constexpr, Q_TMA: gl.constexpr, L2_AHEAD: gl.constexpr):
+                D: gl.constexpr, Q_TMA: gl.constexpr):
         """The loader warp: with ``Q_TMA`` first the queries (9 chunks ``[32 rows, 64]`` into ``q_smem``, one
         barrier), then every chunk of the split's tiles, in order, into the ring, ``D`` tiles deep (each waits for
         its slot to be handed back)."""
@@ -158,16 +138,9 @@ if gluon is not None:
             for c in gl.static_range(8):
                 tma.async_copy_global_to_shared(ql_desc, [b, 0, c * CHUNK], q_bar,
                                                 q_smem.index(c + 1)._reinterpret(q_smem.dtype, [1, ROWS, CHUNK], q3))
-        esize: gl.constexpr = c_desc.dtype.primitive_bitwidth // 8
-        if L2_AHEAD > 0:  # the tiles after the ring's, up to L2_AHEAD tiles ahead of the copies, into L2
-            for j in range(D, gl.minimum(L2_AHEAD, n_tiles)):
-                _prefetch_tile(C, KR, stride_cs, stride_rs, row0, start, end, j, esize)
         for i in range(n_tiles):
             tok = row0 + start + i * BLOCK_N
             d = i % D
-            if L2_AHEAD > 0:
-                if i + L2_AHEAD < n_tiles:
-                    _prefetch_tile(C, KR, stride_cs, stride_rs, row0, start, end, i + L2_AHEAD, esize)
             for p in gl.static_range(9):
                 # slots come back in three groups (the rope chunk, latent chunks 1-4, 5-8); a fresh barrier counts
                 # as having completed the phase before phase 0, so the first round passes
@@ -379,10 +352,10 @@ if gluon is not None:
         stride_lb,
         stride_ob, stride_om, stride_os,
         stride_lseb, stride_lsem,
-        S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc, C, KR, stride_cs, stride_rs,
+        S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False, L2_AHEAD: gl.constexpr = 0,
+        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
@@ -473,7 +446,7 @@ if gluon is not None:
                          sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, D, MASK_MODE,
                          ONE_TOKEN, TIMING, Q_TMA)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
-                       C, KR, stride_cs, stride_rs, end, D, Q_TMA, L2_AHEAD)),
+                       D, Q_TMA)),
         ], [1], [24])
 
 
@@ -508,8 +481,7 @@ def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True,
-                  l2_ahead: int | None = None) -> None:
+                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
@@ -533,7 +505,7 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1),
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
-        *(qd if qd is not None else (c_desc, c_desc)), latent, k_rope, latent.stride(1), k_rope.stride(1),
-        L2_AHEAD=L2_AHEAD if l2_ahead is None else l2_ahead, NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
+        *(qd if qd is not None else (c_desc, c_desc)),
+        NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
         TIMING=timing is not None, Q_TMA=qd is not None, num_warps=4, **kw,
     )
