@@ -215,26 +215,7 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
     scale = 192**-0.5
     cases = WSVAR_CASES
     torch.manual_seed(0)
-    clustered: list[bool] = []  # each clustered launch's outcome (False: the clusters would not fit, no launch)
-    launch_clustered = md._ws._launch_clustered
-
-    fits_logged = []
-
-    def spy(args, kw, batch, cluster):
-        if not fits_logged:  # what the driver says fits at once, per cluster size, for this kernel
-            kernel = md._ws._stage1_ws.warmup(*args, grid=(1, batch), CLUSTER=cluster, **kw)
-            kernel._init_handles()
-            fits = {c: md._ws._max_active_clusters(kernel.function, kernel.packed_metadata[2], c) for c in range(1, 9)}
-            fits_logged.append(fits)
-            ROWS.append(dict(kind="ws_cluster_fits", shared=kernel.packed_metadata[2], max_active_clusters=fits))
-            log(f"max active clusters by size (shared {kernel.packed_metadata[2]} B): {fits}")
-        done = launch_clustered(args, kw, batch, cluster)
-        clustered.append(done)
-        return done
-
-    md._ws._launch_clustered = spy
-    max_active_clusters = md._ws._max_active_clusters
-    for label, cfg in (("library", md.DEFAULT_CONFIG), ("cluster merge", replace(md.DEFAULT_CONFIG, cluster_merge=True))):
+    for label, cfg in (("library", md.DEFAULT_CONFIG),):
         for b, t, h, s, dtype, splits, lens, mkind in cases:
             if b == 16:  # head-major queries, as the absorbed path hands them over
                 q_lat = torch.randn(h, b, t, r, device=dev, dtype=dtype).permute(1, 2, 0, 3)
@@ -275,7 +256,6 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
                 lat_r, kr_r = lat, kr
             ref = decode_attention_reference(q_lat.double(), q_rope.double(), lat_r.double(), kr_r.double(), scale,
                                              None if ref_mask is None else (ref_mask if ref_mask.dtype == torch.bool else ref_mask.double()))
-            clustered.clear()
             try:
                 outs = [md.decode_attention_triton(q_lat, q_rope, lat, kr, scale, mask, kv_len, num_splits=splits,
                                                    config=cfg) for _ in range(3)]
@@ -306,13 +286,11 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             ok = ok and used
             ROWS.append(dict(kind="ws_check", variant=label, used_ws=used, batch=b, tokens=t, heads=h, context=s,
                              dtype=str(dtype), splits=splits, lengths=lens, mask=mkind, rel_err=err,
-                             repeat_and_graph_equal=same, ok=ok, clustered=sorted(set(clustered))))
+                             repeat_and_graph_equal=same, ok=ok))
             log(f"ws check {label:13s} B={b:2d} T={t} H={h:2d} S={s:5d} splits={splits} len={lens} mask={mkind}"
-                f" err={err:.2e} same={same} clustered={sorted(set(clustered))} {'OK' if ok else 'FAIL'}")
-    shapes = [(1, 8192), (15, 8192), (16, 4096), (16, 8192), (16, 32768), (54, 8320), (64, 8192), (191, 8320), (64, 32768)]
-    variants = [("library", md.DEFAULT_CONFIG), ("cluster merge", replace(md.DEFAULT_CONFIG, cluster_merge=True)),
-                ("cluster forced", replace(md.DEFAULT_CONFIG, cluster_merge=True)),  # past the occupancy check
-                ("cluster 7 splits", replace(md.DEFAULT_CONFIG, cluster_merge=True))]
+                f" err={err:.2e} same={same} {'OK' if ok else 'FAIL'}")
+    shapes = [(1, 8192), (16, 4096), (16, 8192), (16, 32768), (54, 8320), (64, 8192), (191, 8320), (64, 32768)]
+    variants = [("Triton stage 1", replace(md.DEFAULT_CONFIG, ring_slots=0)), ("library", md.DEFAULT_CONFIG)]
     dtype = torch.bfloat16
     for b, s in shapes:
         nbytes = D.mla_call_bytes(b, s, heads, r, dr)
@@ -322,26 +300,18 @@ def ws_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
         kv = [torch.randn(b, s, r + dr, device=dev, dtype=dtype) for _ in range(copies)]
         for rep in range(2):
             for label, cfg in variants:
-                if label == "cluster 7 splits" and b != 16 or label == "cluster forced" and b != 16:
-                    continue
-                nsp = 7 if label == "cluster 7 splits" else None
-                clustered.clear()
-                md._ws._max_active_clusters = (lambda f, sh, c: 1 << 20) if label == "cluster forced" else max_active_clusters
                 try:
-                    ms = D.time_graph(lambda: [md.decode_attention_triton(q_lat[i], q_rope[i], kv[i][..., :r], kv[i][..., r:], 0.07, config=cfg, num_splits=nsp)
+                    ms = D.time_graph(lambda: [md.decode_attention_triton(q_lat[i], q_rope[i], kv[i][..., :r], kv[i][..., r:], 0.07, config=cfg)
                                                for i in range(copies)], dev, reps=30, inner=copies)
                 except Exception as exc:
                     log(f"ws time B={b} S={s} {label}: failed {repr(exc)[:200]}")
                     continue
                 ROWS.append(dict(kind="ws_time", batch=b, context=s, variant=label, rep=rep, us=ms * 1e3,
-                                 clustered=sorted(set(clustered)),
                                  TBps=nbytes / (ms * 1e-3) / 1e12, fraction_of_copy=nbytes / (ms * 1e-3) / copy_bw))
                 log(f"ws time B={b:4d} S={s:6d} {label:14s} {ms * 1e3:8.1f} us {nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s "
-                    f"({nbytes / (ms * 1e-3) / copy_bw:5.1%}) clustered={sorted(set(clustered))}")
+                    f"({nbytes / (ms * 1e-3) / copy_bw:5.1%})")
         del q_lat, q_rope, kv
         D.free(dev)
-    md._ws._launch_clustered = launch_clustered
-    md._ws._max_active_clusters = max_active_clusters
 
 
 def floor_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
@@ -490,17 +460,14 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
 
     heads, r = 32, 512
     layers = 8
-    for b, s, q_tma, cluster in ((15, 8192, True, False), (15, 8192, True, True), (16, 8192, True, False),
-                                 (64, 8192, True, False), (64, 8192, True, True)):
+    for b, s, q_tma in ((16, 8192, False), (16, 8192, True), (64, 8192, True)):
         q_lat, q_rope, kvs, splits, split_len, o_part, lse = _stage1_inputs(dev, b, s, layers)
         stamps = torch.zeros(layers, b * splits, 136, device=dev, dtype=torch.int64)
-        out = torch.empty(heads, b, 1, r, device=dev, dtype=q_lat.dtype).permute(1, 2, 0, 3) if cluster else None
 
         def run():
             for i, kv in enumerate(kvs):
                 md._ws.launch_stage1(q_lat, q_rope, kv[..., :r], kv[..., r:], o_part, lse, 1, heads, heads,
-                                     split_len, splits, 0.1, nbuf=18, pdl=True, timing=stamps[i], q_tma=q_tma,
-                                     out=out)
+                                     split_len, splits, 0.1, nbuf=18, pdl=True, timing=stamps[i], q_tma=q_tma)
 
         ms = D.time_graph(run, dev, reps=10, inner=layers)
         st = stamps.double().cpu()
@@ -524,21 +491,15 @@ def wstiming_section(dev: torch.device, copy_bw: float, smoke: bool) -> None:
             row["tile_softmax_med"] = [round(v, 3) for v in (pt[:, :, 2] - pt[:, :, 1]).median(0).values.tolist()]
             row["tile_output_med"] = [round(v, 3) for v in (pt[:, :, 3] - pt[:, :, 2]).median(0).values.tolist()]
             row["tile_period_med"] = [round(v, 3) for v in (pt[:, 1:, 0] - pt[:, :-1, 0]).median(0).values.tolist()]
-            if cluster:  # the merge inside the cluster: first barrier, remote stores, second barrier, merge (µs)
-                cs = (st[i, :, 132:135] - t0) / 1e3
-                row["cluster_sync1_med"] = (cs[:, 0] - lp).median().item()
-                row["cluster_stores_med"] = (cs[:, 1] - cs[:, 0]).median().item()
-                row["cluster_sync2_med"] = (cs[:, 2] - cs[:, 1]).median().item()
-                row["cluster_merge_med"] = (ep - cs[:, 2]).median().item()
             if i in (2, 5):  # per program: SM, batch row, split, first tile, loop (µs): where the spread comes from
                 row["programs"] = [dict(sm=int(st[i, k, 6]), row=k // splits, split=k % splits,
                                         first=round(float((f - q)[k]), 3), loop=round(float((lp - f)[k]), 3),
                                         end=round(float(ep[k]), 3))
                                    for k in range(st.shape[1])]
             info.append(row)
-        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, queries_by_tma=q_tma, cluster=cluster,
+        ROWS.append(dict(kind="wstiming", batch=b, context=s, splits=splits, queries_by_tma=q_tma,
                          us_per_call=ms * 1e3, layers=info))
-        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits} cluster merge={cluster}: {ms * 1e3:.1f} us per call")
+        log(f"wstiming B={b} S={s} splits={splits} programs={b * splits} queries by TMA={q_tma}: {ms * 1e3:.1f} us per call")
         for row in info[2:3]:
             log("  " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                 if not isinstance(v, list)))

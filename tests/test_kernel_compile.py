@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,10 +64,7 @@ def _build(kernel, consts: dict, ptrs: dict, stages: int, warps: int = 4, source
             "tma": ptx.count("cp.async.bulk.tensor"), "setmaxnreg": ptx.count("setmaxnreg"),
             "globaltimer": ptx.count("globaltimer"), "gdc_wait": ptx.count("griddepcontrol.wait"),
             "gdc_launch": ptx.count("griddepcontrol.launch_dependents"), "bar_sync": ptx.count("bar.sync"),
-            "synced_waits": synced_waits, "waits": ptx.count("mbarrier.try_wait"),
-            "remote_stores": ptx.count("st.shared::cluster"), "cluster_barriers": ptx.count("barrier.cluster.arrive"),
-            # constant offsets into the dynamic shared memory (the fixed-place buffers: queries, P tile, barriers)
-            "smem_constant_offsets": sorted({int(x) for x in re.findall(r"@global_smem, i32 (\d+)", k.asm["llir"])})}
+            "synced_waits": synced_waits, "waits": ptx.count("mbarrier.try_wait")}
 
 
 def _compile_all() -> dict:
@@ -162,9 +158,9 @@ def _compile_ws() -> dict:
         q_type = native_specialize_impl(CUDABackend, ws.q_descriptors(qhost, qhost[..., :64])[0], False, True, True)[0]
         ptrs = {"QL": f"*{dtype}", "QR": f"*{dtype}", "c_desc": desc_type, "r_desc": desc_type,
                 "Mask": "*u8" if consts["MASK_MODE"] == 1 else f"*{dtype}", "O_part": "*fp32", "Lse": "*fp32",
-                "Len": "*i64", "Timing": "*i64", "ql_desc": q_type, "qr_desc": q_type, "Out": f"*{dtype}"}
+                "Len": "*i64", "Timing": "*i64", "ql_desc": q_type, "qr_desc": q_type}
         # the queries by TMA for one query token (as a launch takes them when their strides allow), else loads
-        consts = {"NBUF": ws.DEFAULT_NBUF, "TIMING": False, "Q_TMA": consts["ONE_TOKEN"], "CLUSTER": 0, **consts}
+        consts = {"NBUF": ws.DEFAULT_NBUF, "TIMING": False, "Q_TMA": consts["ONE_TOKEN"], **consts}
         return _build(ws._stage1_ws, consts, ptrs, 3, source=GluonASTSource, aligned_strides=False)
 
     out = {}
@@ -177,10 +173,6 @@ def _compile_ws() -> dict:
     out["ws timing stage1 bf16"] = build("bf16", dict(MASK_MODE=0, HAS_LEN=False, ONE_TOKEN=True, TIMING=True))
     # one query token whose rows TMA cannot address (strides not 16-byte aligned): the queries by loads
     out["ws queries-by-loads stage1 bf16"] = build("bf16", dict(MASK_MODE=1, HAS_LEN=True, ONE_TOKEN=True, Q_TMA=False))
-    # the merge inside a thread-block cluster, for every cluster size (1 to 8 splits)
-    for cluster in range(1, ws.MAX_CLUSTER + 1):
-        out[f"ws cluster={cluster} stage1 bf16"] = build("bf16", dict(MASK_MODE=1 if cluster % 2 else 0, HAS_LEN=True,
-                                                                      ONE_TOKEN=cluster != 3, CLUSTER=cluster))
     return out
 
 
@@ -236,27 +228,6 @@ def test_the_warp_specialised_stage1_waits_without_cta_barriers(compiled):
     for key, info in ws.items():
         assert info["waits"] >= 18 and info["synced_waits"] <= 2, (key, info)
         assert info["bar_sync"] <= 40, (key, info)
-
-
-def test_the_cluster_merge_exchanges_through_the_free_ring(compiled):
-    """With ``CLUSTER`` splits per cluster each block sends every accumulator element once (16 per thread for each
-    of the 8 channel chunks, 4 to a 16-byte store) and its log-sum-exps to each block of the cluster, between two cluster barriers in
-    each of the two partitions; the exchange area (the slots, then the log-sum-exps) lies at the start of the
-    dynamic shared memory, in the ring: every buffer at a fixed place (the queries, the P tile, the barriers,
-    still in use when the other blocks write) lies above it. Without ``CLUSTER`` none of it is compiled in."""
-    pytest.importorskip("triton.experimental.gluon")
-    from transmla_surgery.kernels import mla_decode_ws as ws
-
-    for cluster in range(1, ws.MAX_CLUSTER + 1):
-        info = compiled[f"ws cluster={cluster} stage1 bf16"]
-        assert info["remote_stores"] == 4 * 8 + 8 * cluster, (cluster, info)  # 16 B at a time
-        assert info["cluster_barriers"] == 4, (cluster, info)
-        exchange = -(-8 // cluster) * cluster * 8192 + cluster * 128
-        assert exchange <= ws.DEFAULT_NBUF * 8192
-        assert min(info["smem_constant_offsets"]) >= exchange, (cluster, info["smem_constant_offsets"][:4])
-    for key, info in compiled.items():
-        if "cluster" not in key:
-            assert info["remote_stores"] == 0 and info["cluster_barriers"] == 0, key
 
 
 def test_pdl_emits_grid_dependency_control_only_when_on(compiled):

@@ -697,9 +697,9 @@ def _emulated_ws_stage1(calls):
     row's normalised partial output and base-2 log-sum-exp, the mask or the causal rule deciding which keys count."""
 
     def launch(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2, *,
-               mask_mode=0, mask_t=None, mask_strides=(0, 0, 0), len_t=None, len_stride=0, nbuf, pdl, out=None):
+               mask_mode=0, mask_t=None, mask_strides=(0, 0, 0), len_t=None, len_stride=0, nbuf, pdl):
         calls.append(dict(split_len=split_len, num_splits=num_splits, mask_mode=mask_mode, mask=mask_t,
-                          kv_len=len_t, nbuf=nbuf, out=out))
+                          kv_len=len_t, nbuf=nbuf))
         bsz, s = latent.shape[:2]
         for b in range(bsz):
             n = s if len_t is None else min(int(len_t[b * len_stride]), s)
@@ -723,7 +723,6 @@ def _emulated_ws_stage1(calls):
                 l = p.sum(-1, keepdim=True)
                 o_part[b, :, j] = (p @ latent[b, lo:hi].double() / l.clamp_min(1e-300)).float()
                 lse[b, :, j] = torch.where(l[:, 0] > 0, mx[:, 0] + torch.log2(l[:, 0]), float("-inf")).float()
-        return False  # partials written: the merge launch follows
 
     return launch
 

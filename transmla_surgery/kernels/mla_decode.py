@@ -125,11 +125,6 @@ class KernelConfig:
     # schedule; ``block_n``/``num_warps``/``num_stages`` do not apply to it), the Triton stage 1 elsewhere. Whole
     # tiles of 9 chunks: 9 or 18 (`mla_decode_ws.RING_SLOTS_ALLOWED`).
     ring_slots: int = 0
-    # With the warp-specialised stage 1 and at most `mla_decode_ws.MAX_CLUSTER` splits: a batch row's splits run
-    # as one thread-block cluster and merge through distributed shared memory, no partials in global memory and
-    # no merge launch (`mla_decode_ws._cluster_merge`), where the GPU holds the clusters in as many waves as
-    # single blocks.
-    cluster_merge: bool = False
 
     def __post_init__(self) -> None:
         if self.ring_slots and self.ring_slots not in _ws.RING_SLOTS_ALLOWED:
@@ -582,11 +577,9 @@ def decode_attention_triton(
     launch_kw = {"launch_pdl": True} if pdl else {}
     prefix = ql
     if use_ws:  # mask and length in the same launch: it reads one mask row per tile, not one per head
-        if _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits,
-                             scale * LOG2E, mask_mode=mask_mode, mask_t=mask_t if mask_mode else None,
-                             mask_strides=mstr, len_t=len_t if has_len else None, len_stride=len_stride,
-                             nbuf=cfg.ring_slots, pdl=pdl, out=out if cfg.cluster_merge else None):
-            return out  # merged inside the clusters
+        _ws.launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, scale * LOG2E,
+                          mask_mode=mask_mode, mask_t=mask_t if mask_mode else None, mask_strides=mstr,
+                          len_t=len_t if has_len else None, len_stride=len_stride, nbuf=cfg.ring_slots, pdl=pdl)
         passes = []
     elif mask_mode == 1 and t == 1:
         # One query token and a bool mask (decode in `generate`): a mask read in every tile costs the

@@ -63,7 +63,6 @@ DEFAULT_NBUF = 18  # ring slots of 8 KiB, 2 tiles deep (27 with the 36 KiB of qu
 RING_SLOTS_ALLOWED = (9, 18)  # whole tiles: 9 sub-rings of 1 or 2 slots
 TILE_TOKENS = 64  # tokens per tile: the M of one warpgroup MMA
 ROW_BLOCK = 32  # query rows per program (padded)
-MAX_CLUSTER = 8  # the most splits merged inside a thread-block cluster (the portable cluster size)
 
 
 def available() -> bool:
@@ -125,113 +124,8 @@ if gluon is not None:
                                          pack=1)
 
     @gluon.jit
-    def _cluster_sync():
-        """Every thread of the cluster: arrive (release: its shared-memory stores, local and remote, are visible
-        after the barrier), then wait (acquire)."""
-        gl.inline_asm_elementwise("barrier.cluster.arrive.release; barrier.cluster.wait.acquire; // $0", "=r", [],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _smem_base():
-        """The shared-memory address of Triton's dynamic shared memory (``global_smem``): the ring starts there
-        (`tests/test_kernel_compile.py` checks that nothing else lies below the exchange area's end)."""
-        return gl.inline_asm_elementwise("mov.u32 $0, global_smem;", "=r", [], dtype=gl.int32, is_pure=True,
-                                         pack=1)
-
-    @gluon.jit
-    def _store_remote(addr, rank, x):
-        """``x`` (float32) to the shared memory of cluster block ``rank`` at this block's shared address ``addr``."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .b32 ra; mapa.shared::cluster.u32 ra, $1, $2; st.shared::cluster.f32 [ra], $3; mov.b32 $0, 0; }",
-            "=r,r,r,f", [addr, rank, x], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _store_remote4(addr, rank, x):
-        """`_store_remote` 4 elements at a time, one 16-byte store to ``addr`` of the first: the 4 consecutive
-        accumulator registers of a thread that Triton packs together must have consecutive addresses."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .b32 ra; mapa.shared::cluster.u32 ra, $4, $8; "
-            "st.shared::cluster.v4.f32 [ra], {$12, $13, $14, $15}; "
-            "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }",
-            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,f,f,f,f", [addr, rank, x], dtype=gl.int32, is_pure=False, pack=4)
-
-    @gluon.jit
-    def _load_local(addr):
-        """float32 from this block's shared memory at ``addr``."""
-        return gl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [addr], dtype=gl.float32,
-                                         is_pure=False, pack=1)
-
-    @gluon.jit
-    def _load_local4(addr):
-        """`_load_local` 4 elements at a time (one 16-byte load), as `_store_remote4` stored them."""
-        return gl.inline_asm_elementwise("ld.shared.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,r,r,r,r", [addr],
-                                         dtype=gl.float32, is_pure=False, pack=4)
-
-    @gluon.jit
-    def _cluster_merge(o0, o1, o2, o3, o4, o5, o6, o7, inv, lse, rows, row_ok, t_row, pid_s, H, Out, out_base,
-                       stride_outt, stride_outh, Timing, mma: gl.constexpr, CLUSTER: gl.constexpr,
-                       TIMING: gl.constexpr):
-        """The split merge inside the cluster of a batch row's ``CLUSTER`` blocks (block rank = split), through
-        distributed shared memory: no partials in global memory, no merge launch. Channel chunk ``k`` (64
-        channels) belongs to block ``k mod CLUSTER``; every block sends its normalised ``[64, ROWS]`` partial of
-        chunk ``k`` to the owner's ring (free once every block of the cluster is past its tiles: the first
-        barrier), slot ``(k // CLUSTER) · CLUSTER + split``, and its log-sum-exps to every block; after the second
-        barrier each owner weighs its slots as `mla_decode._stage2_fn` does and writes the output rows. A thread
-        writes and reads the same elements of each slot (the accumulator's own layout, 32 lanes on 32 consecutive
-        words: no bank conflicts), so no layout is converted."""
-        tok_l: gl.constexpr = gl.SliceLayout(1, mma)
-        NJ: gl.constexpr = (8 + CLUSTER - 1) // CLUSTER  # chunks per owner, at most
-        LSE_OFF: gl.constexpr = NJ * CLUSTER * 8192
-        _cluster_sync()
-        if TIMING:
-            gl.store(Timing + 132, _now())
-        base = _smem_base()
-        ch = gl.arange(0, CHUNK, layout=tok_l)[:, None]
-        r2 = rows[None, :]
-        # the element's place in the warpgroup's accumulator (m64nNk16, warps on M): thread, then register; a
-        # thread's registers 4q..4q+3 (rows +1, channels +8) side by side, one 16-byte store, 32 lanes on 512
-        # consecutive bytes
-        tid = (ch // 16) * 32 + (ch % 8) * 4 + (r2 % 8) // 2
-        idx = ((r2 // 8) * 128 + tid) * 4 + ((ch % 16) // 8) * 2 + r2 % 2
-        addr = base + idx * 4
-        slot = pid_s * 8192
-        _store_remote4(addr + ((0 // CLUSTER) * CLUSTER * 8192 + slot), 0 % CLUSTER, o0 * inv)
-        _store_remote4(addr + ((1 // CLUSTER) * CLUSTER * 8192 + slot), 1 % CLUSTER, o1 * inv)
-        _store_remote4(addr + ((2 // CLUSTER) * CLUSTER * 8192 + slot), 2 % CLUSTER, o2 * inv)
-        _store_remote4(addr + ((3 // CLUSTER) * CLUSTER * 8192 + slot), 3 % CLUSTER, o3 * inv)
-        _store_remote4(addr + ((4 // CLUSTER) * CLUSTER * 8192 + slot), 4 % CLUSTER, o4 * inv)
-        _store_remote4(addr + ((5 // CLUSTER) * CLUSTER * 8192 + slot), 5 % CLUSTER, o5 * inv)
-        _store_remote4(addr + ((6 // CLUSTER) * CLUSTER * 8192 + slot), 6 % CLUSTER, o6 * inv)
-        _store_remote4(addr + ((7 // CLUSTER) * CLUSTER * 8192 + slot), 7 % CLUSTER, o7 * inv)
-        lse_addr = base + LSE_OFF + rows * 4
-        for c in gl.static_range(CLUSTER):
-            _store_remote(lse_addr + pid_s * 128, c, lse)
-        if TIMING:
-            gl.store(Timing + 133, _now())
-        _cluster_sync()
-        if TIMING:
-            gl.store(Timing + 134, _now())
-        mx = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma))
-        for i in gl.static_range(CLUSTER):
-            mx = gl.maximum(mx, _load_local(lse_addr + i * 128))
-        mx = gl.where(mx == float("-inf"), 0.0, mx)  # every split empty: all weights 0
-        h_row = rows - t_row * H
-        out_ptr = Out + out_base + (t_row * stride_outt + h_row * stride_outh)[None, :] + ch
-        for j in gl.static_range(NJ):
-            k = j * CLUSTER + pid_s
-            if k < 8:
-                acc = gl.zeros([CHUNK, ROWS], gl.float32, layout=mma)
-                den = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(0, mma))
-                for i in gl.static_range(CLUSTER):
-                    w = gl.exp2(_load_local(lse_addr + i * 128) - mx)
-                    acc += w[None, :] * _load_local4(addr + (j * CLUSTER + i) * 8192)
-                    den += w
-                res = acc / gl.where(den > 0.0, den, 1.0)[None, :]  # no key in the whole row: zeros
-                gl.store(out_ptr + k * CHUNK, res.to(Out.dtype.element_ty), mask=row_ok[None, :])
-
-    @gluon.jit
     def _loader(c_desc, r_desc, ring, ready, empty, row0, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
-                D: gl.constexpr, Q_TMA: gl.constexpr, CLUSTER: gl.constexpr):
+                D: gl.constexpr, Q_TMA: gl.constexpr):
         """The loader warp: with ``Q_TMA`` first the queries (9 chunks ``[32 rows, 64]`` into ``q_smem``, one
         barrier), then every chunk of the split's tiles, in order, into the ring, ``D`` tiles deep (each waits for
         its slot to be handed back)."""
@@ -257,9 +151,6 @@ if gluon is not None:
                 else:
                     tma.async_copy_global_to_shared(c_desc, [tok, (p - 1) * CHUNK], ready[p].index(d),
                                                     ring.index(p * D + d))
-        if CLUSTER > 0:  # the consumer's two cluster barriers count every thread of the cluster
-            _cluster_sync()
-            _cluster_sync()
 
     @gluon.jit
     def _issue_scores(ring, ready, q_smem, i, D: gl.constexpr, mma: gl.constexpr):
@@ -366,9 +257,8 @@ if gluon is not None:
     @gluon.jit
     def _consumer(q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse, Mask, m_base, stride_mt, stride_ms,
                   start, end, n_tiles, M, T, kv_len, sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing,
-                  q_bar, pid_s, H, Out, out_base, stride_outt, stride_outh, D: gl.constexpr,
-                  MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr, Q_TMA: gl.constexpr,
-                  CLUSTER: gl.constexpr):
+                  q_bar, D: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, TIMING: gl.constexpr,
+                  Q_TMA: gl.constexpr):
         """The multiplying warpgroup (the default partition): waits for the queries (``Q_TMA``: the loader's
         copies) or stores them (their loads were issued before the loader started), then runs the split's tiles
         and writes the normalised partial output ``O_part`` (``o_base`` + row · ``stride_om`` + channel) and the
@@ -438,23 +328,19 @@ if gluon is not None:
         has = l_i > 0.0
         inv = (1.0 / gl.where(has, l_i, 1.0))[None, :]
         lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
-        if CLUSTER > 0:
-            _cluster_merge(o0, o1, o2, o3, o4, o5, o6, o7, inv, lse, rows, row_ok, t_row, pid_s, H, Out, out_base,
-                           stride_outt, stride_outh, Timing, mma, CLUSTER, TIMING)
-        else:
-            gl.store(Lse + lse_base + rows * stride_lsem, lse, mask=row_ok)
-            # straight from the accumulator layout: each group of 4 lanes writes 8 consecutive channels (32 bytes)
-            ch = gl.arange(0, CHUNK, layout=tok_l)
-            o_ptr = O_part + o_base + rows[None, :] * stride_om + ch[:, None]
-            ok = row_ok[None, :]
-            gl.store(o_ptr + 0 * CHUNK, o0 * inv, mask=ok)
-            gl.store(o_ptr + 1 * CHUNK, o1 * inv, mask=ok)
-            gl.store(o_ptr + 2 * CHUNK, o2 * inv, mask=ok)
-            gl.store(o_ptr + 3 * CHUNK, o3 * inv, mask=ok)
-            gl.store(o_ptr + 4 * CHUNK, o4 * inv, mask=ok)
-            gl.store(o_ptr + 5 * CHUNK, o5 * inv, mask=ok)
-            gl.store(o_ptr + 6 * CHUNK, o6 * inv, mask=ok)
-            gl.store(o_ptr + 7 * CHUNK, o7 * inv, mask=ok)
+        gl.store(Lse + lse_base + rows * stride_lsem, lse, mask=row_ok)
+        # straight from the accumulator layout: each group of 4 lanes writes 8 consecutive channels (32 bytes)
+        ch = gl.arange(0, CHUNK, layout=tok_l)
+        o_ptr = O_part + o_base + rows[None, :] * stride_om + ch[:, None]
+        ok = row_ok[None, :]
+        gl.store(o_ptr + 0 * CHUNK, o0 * inv, mask=ok)
+        gl.store(o_ptr + 1 * CHUNK, o1 * inv, mask=ok)
+        gl.store(o_ptr + 2 * CHUNK, o2 * inv, mask=ok)
+        gl.store(o_ptr + 3 * CHUNK, o3 * inv, mask=ok)
+        gl.store(o_ptr + 4 * CHUNK, o4 * inv, mask=ok)
+        gl.store(o_ptr + 5 * CHUNK, o5 * inv, mask=ok)
+        gl.store(o_ptr + 6 * CHUNK, o6 * inv, mask=ok)
+        gl.store(o_ptr + 7 * CHUNK, o7 * inv, mask=ok)
         if TIMING:
             gl.store(Timing + 5, _now())
 
@@ -467,10 +353,9 @@ if gluon is not None:
         stride_ob, stride_om, stride_os,
         stride_lseb, stride_lsem,
         S, T, H, M, split_len, sm_scale_log2, Timing, ql_desc, qr_desc,
-        Out, stride_outb, stride_outt, stride_outh,
         NBUF: gl.constexpr, MASK_MODE: gl.constexpr, ONE_TOKEN: gl.constexpr, HAS_LEN: gl.constexpr,
         PDL: gl.constexpr,
-        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False, CLUSTER: gl.constexpr = 0,
+        TIMING: gl.constexpr = False, Q_TMA: gl.constexpr = False,
     ):
         """Grid ``(splits, B)``. ``MASK_MODE``: 0 none (causal, aligned at the end), 1 bool (read as bytes), 2
         additive, ``Mask[b·stride_mb + t·stride_mt + s·stride_ms]``; ``ONE_TOKEN``: ``T == 1`` (one mask row per
@@ -558,12 +443,11 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (q_chunks, q_smem, ring, ready, empty, p_buf, O_part, Lse,
                          Mask, b64 * stride_mb, stride_mt, stride_ms, start, end, n_tiles, M, T, kv_len,
-                         sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, pid_s, H, Out,
-                         b64 * stride_outb, stride_outt, stride_outh, D, MASK_MODE, ONE_TOKEN, TIMING, Q_TMA,
-                         CLUSTER)),
+                         sm_scale_log2, o_base, lse_base, stride_om, stride_lsem, Timing, q_bar, D, MASK_MODE,
+                         ONE_TOKEN, TIMING, Q_TMA)),
             (_loader, (c_desc, r_desc, ring, ready, empty, b * S, start, n_tiles, ql_desc, qr_desc, q_smem, q_bar, b,
-                       D, Q_TMA, CLUSTER)),
-        ], [4 if CLUSTER > 0 else 1], [24])
+                       D, Q_TMA)),
+        ], [1], [24])
 
 
 def nvmma_layout(dtype: torch.dtype):
@@ -597,19 +481,14 @@ def q_descriptors(ql: torch.Tensor, qr: torch.Tensor):
 def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, num_splits, sm_scale_log2,
                   *, mask_mode: int = 0, mask_t: torch.Tensor | None = None, mask_strides: tuple = (0, 0, 0),
                   len_t: torch.Tensor | None = None, len_stride: int = 0, nbuf: int = DEFAULT_NBUF,
-                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True,
-                  out: torch.Tensor | None = None) -> bool:
+                  pdl: bool = False, timing: torch.Tensor | None = None, q_tma: bool = True) -> None:
     """Launch stage 1 over grid ``(num_splits, B)``: the partials ``o_part [B, M, splits, r]`` (float32) and
     ``lse [B, M, splits]`` (splits contiguous), as `mla_decode._stage1_fn` writes them. The mask and the length
     come as `mla_decode.decode_attention_triton` prepares them for either stage 1: ``mask_mode`` (0 none, 1 bool
     read as bytes, 2 additive), ``mask_t`` ``[B or 1, T, S]`` with ``mask_strides`` (0 where broadcast); ``len_t``
     (flat int tensor) with ``len_stride`` (0: one length for all rows). ``q_tma``: one query token's rows come
     by TMA where `q_descriptors` can describe them (else, and with ``False``, by loads). ``timing`` (a
-    diagnostic, int64 ``[B · num_splits, 136]``): per-program timestamps, see `_stage1_ws`. ``out`` (the
-    output, ``[B, T, H, r]`` in the cache's dtype, any strides with channels contiguous): the row's splits (at
-    most `MAX_CLUSTER`) run as one thread-block cluster and merge there (`_cluster_merge`), writing ``out``,
-    where the GPU holds as many such clusters at once as it would hold blocks (`_launch_clustered`). Returns
-    whether it did: then ``o_part`` and ``lse`` are not touched and no merge launch must follow."""
+    diagnostic, int64 ``[B · num_splits, 136]``): per-program timestamps, see `_stage1_ws`."""
     assert lse.stride(-1) == 1
     if nbuf not in RING_SLOTS_ALLOWED:
         raise ValueError(f"the warp-specialised stage 1 takes {' or '.join(map(str, RING_SLOTS_ALLOWED))} ring "
@@ -618,7 +497,7 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
     c_desc, r_desc = descriptors(latent, k_rope)
     qd = q_descriptors(ql, qr) if q_tma and t == 1 else None
     kw = {"launch_pdl": True} if pdl else {}
-    args = (
+    _stage1_ws[(num_splits, b)](
         ql, qr, c_desc, r_desc, lse if mask_t is None else mask_t, lse if len_t is None else len_t, o_part, lse,
         ql.stride(0), ql.stride(1), ql.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         *mask_strides,
@@ -627,42 +506,6 @@ def launch_stage1(ql, qr, latent, k_rope, o_part, lse, t, h, m_rows, split_len, 
         lse.stride(0), lse.stride(1),
         s, t, h, m_rows, split_len, sm_scale_log2, lse if timing is None else timing,
         *(qd if qd is not None else (c_desc, c_desc)),
-        lse if out is None else out, *((0, 0, 0) if out is None else (out.stride(0), out.stride(1), out.stride(2))),
+        NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
+        TIMING=timing is not None, Q_TMA=qd is not None, num_warps=4, **kw,
     )
-    kw.update(NBUF=nbuf, MASK_MODE=mask_mode, ONE_TOKEN=t == 1, HAS_LEN=len_t is not None, PDL=pdl,
-              TIMING=timing is not None, Q_TMA=qd is not None, num_warps=4)
-    if out is not None and 1 <= num_splits <= MAX_CLUSTER and _launch_clustered(args, kw, b, num_splits):
-        return True
-    _stage1_ws[(num_splits, b)](*args, CLUSTER=0, **kw)
-    return False
-
-
-@lru_cache(maxsize=64)
-def _max_active_clusters(function: int, shared: int, cluster: int) -> int:
-    """How many clusters of ``cluster`` blocks of this compiled kernel (``shared`` bytes each) the GPU runs at
-    once (the driver's occupancy query: clusters must fit within one GPU processing cluster)."""
-    from triton.runtime.driver import driver
-
-    return int(driver.active.utils.cuOccupancyMaxActiveClusters(function, shared, cluster))
-
-
-def _launch_clustered(args: tuple, kw: dict, batch: int, cluster: int) -> bool:
-    """Launch `_stage1_ws` (compiled with ``CLUSTER = cluster``) over ``(cluster, batch)`` blocks, each batch row's
-    ``cluster`` blocks one thread-block cluster, unless clusters would take more waves than free blocks (the
-    GPU's processing clusters may not hold as many clusters as it has multiprocessors for blocks): then nothing
-    is launched and ``False`` returned. Triton's launcher makes clusters of its ``num_ctas`` blocks along x
-    (``gridDim.x = grid[0] · num_ctas``); this kernel is compiled as one block per program (its program id is
-    the block's), so the compiled kernel's launch metadata is given the cluster size as ``num_ctas`` and the grid
-    ``(1, batch)``. The kernel of each ``CLUSTER`` value is only ever launched with clusters of that size."""
-    kernel = _stage1_ws.warmup(*args, grid=(1, batch), CLUSTER=cluster, **kw)  # compiles once, then the cached one
-    kernel._init_handles()  # loads it (`function`), as its first launch would
-    warps, ctas, shared = kernel.packed_metadata
-    device = torch.cuda.current_device()
-    fits = _max_active_clusters(kernel.function, shared, cluster)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if fits < 1 or -(-batch // fits) > -(-(batch * cluster) // sms):
-        return False
-    if ctas != cluster:
-        kernel.packed_metadata = (warps, cluster, shared)
-    _stage1_ws[(1, batch)](*args, CLUSTER=cluster, **kw)
-    return True
