@@ -32,7 +32,9 @@ projections, 32-token tiles; a merge applying ``W_UV``, commit ab881b9, slower; 
 classification and the split schedule for calls with a length); runs 9-10, ``.run13.json`` … ``.run20.json``
 (the warp-specialised stage 1's design steps, decode.md); runs 11-12, ``.run21`` … ``.run37`` (queries by TMA,
 bitwise repeatability; the floors, the merge inside stage 1, overlapped output products, score accumulators:
-the commits named in decode.md have the switches since removed).
+the commits named in decode.md have the switches since removed); run 13, ``.run38``; later, ``.run39`` …
+``.run51`` (two multiplying warpgroups, PDL prefetch, 16-bit partials, the first tile alone, L2 prefetch, the
+merge inside thread-block clusters: each variant in a commit and its revert, named in decode.md).
 Prints a short table last. ``--smoke`` runs tiny shapes on any device.
 """
 
